@@ -1,0 +1,42 @@
+# Two commands matter: `make serve` and `make test`. Both create .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-$(shell cat requirements_api.txt requirements-dev.txt | sha1sum | cut -c1-12)
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test bench venv system-deps clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements_api.txt requirements-dev.txt
+	@$(MAKE) --no-print-directory system-deps
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -r requirements_api.txt -r requirements-dev.txt
+	# --no-deps: voxcpm's metadata pulls gradio/funasr/modelscope that inference never imports
+	$(VPY) -m pip install --quiet --no-deps voxcpm==2.0.3
+	@rm -f $(VENV)/.deps-*
+	@touch $@
+
+# FFmpeg's shared libraries let torchaudio/torchcodec decode reference audio (VoxCPM1.x cloning).
+system-deps:
+	@if ! ldconfig -p 2>/dev/null | grep -q libavcodec; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	    echo "installing FFmpeg shared libraries (Debian package ffmpeg)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+	  else \
+	    echo "warning: FFmpeg shared libraries not found; install ffmpeg for VoxCPM1.x voice cloning" >&2; \
+	  fi; \
+	fi
+
+serve: venv
+	$(VPY) start_api.py $(ARGS)
+
+test: venv
+	$(VPY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

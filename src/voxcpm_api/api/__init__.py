@@ -1,0 +1,1 @@
+"""HTTP layer: schemas, routes, error mapping, app factory."""

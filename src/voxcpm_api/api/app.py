@@ -1,0 +1,111 @@
+"""`create_app(settings, engine=..., store=...)`: no import-time state; everything is built here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Depends, FastAPI
+
+from .. import __version__
+from ..config import Settings
+from ..engine.base import Engine
+from ..lora.catalog import LoRACatalog
+from ..tasks.ownership import EngineLock
+from ..tasks.runner import EngineRunner, RunnerConfig
+from ..tasks.service import TaskService
+from ..tasks.store import TaskStore
+from .auth import make_api_key_check
+from .errors import install_error_handlers
+from .routes import protected, public
+
+log = logging.getLogger("voxcpm_api")
+OWNER_RETRY_INTERVAL_S = 2.0
+
+DESCRIPTION = """
+Text-to-speech with OpenBMB VoxCPM and hot-switched LoRA adapters.
+
+* **POST /synthesize** queues a task (or, with `async_mode: false`, waits for the file);
+  poll **GET /task/{task_id}** for real progress, then **GET /download/{filename}**.
+* Reference audio for cloning is named relative to `--ref-audio-dir`, or uploaded to
+  **POST /synthesize/upload**.
+* With `--api-key`, send `Authorization: Bearer <key>` (or `X-API-Key`) on every route but /health.
+"""
+
+
+def default_engine_factory(settings: Settings) -> Callable[[], Engine]:
+    def build() -> Engine:
+        # Imported here so worker processes that never own the engine never import torch.
+        from ..engine.voxcpm_engine import EngineConfig, VoxCPMEngine
+
+        return VoxCPMEngine(EngineConfig(model=settings.model, device=settings.device, compile=settings.compile,
+                                         cache_dir=settings.effective_cache_dir,
+                                         lora_cache_size=settings.lora_cache_size))
+
+    return build
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskStore | None = None) -> FastAPI:
+    engine_factory = (lambda: engine) if engine is not None else default_engine_factory(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+        task_store = store or TaskStore(settings.database_path)
+        catalog = LoRACatalog(settings.lora_dir)
+        service = TaskService(settings, task_store, catalog)
+        app.state.service = service
+        lock = EngineLock(settings.output_dir / ".engine.lock")
+        _warn_if_open(settings)
+        election = asyncio.create_task(_become_owner(service, lock, engine_factory, settings))
+        try:
+            yield
+        finally:
+            election.cancel()
+            await asyncio.gather(election, return_exceptions=True)
+            if service.runner is not None:
+                await service.runner.stop()
+            lock.release()
+            if store is None:
+                task_store.close()
+
+    app = FastAPI(title="VoxCPM LoRA TTS API", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(public)
+    app.include_router(protected, dependencies=[Depends(make_api_key_check(settings.api_key))])
+    return app
+
+
+async def _become_owner(service: TaskService, lock: EngineLock, engine_factory: Callable[[], Engine],
+                        settings: Settings) -> None:
+    """Take the engine lock as soon as it is free (at once, or when the owner process dies)."""
+    while not lock.try_acquire():
+        await asyncio.sleep(OWNER_RETRY_INTERVAL_S)
+    runner = EngineRunner(
+        engine_factory, service.store, service.catalog,
+        RunnerConfig(output_dir=settings.output_dir, max_concurrent=settings.max_concurrent,
+                     max_attempts=settings.max_attempts, chunk_max_chars=settings.chunk_max_chars,
+                     cleanup_interval_s=settings.cleanup_interval_s),
+        cleanup=service.cleanup_blocking,
+    )
+    service.runner = runner
+    await runner.start()
+
+
+def _warn_if_open(settings: Settings) -> None:
+    if settings.api_key:
+        return
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = settings.host == "localhost"
+    if not loopback:
+        log.warning("no --api-key set and listening on %s: anyone on the network can use this server", settings.host)
+
+
+def app_from_env() -> FastAPI:
+    """Factory for uvicorn's --workers/--reload modes: each process rebuilds Settings from env twins."""
+    return create_app(Settings())

@@ -1,0 +1,113 @@
+"""Request and response bodies. Field names and shapes follow the seed's README exactly;
+fields after the seed's are additions (clients ignoring unknown fields keep working)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from ..domain import OutputFormat, TaskStatus
+
+SEED_MAX = 2**32 - 1
+
+
+class SynthesizeRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"text": "Hello, this is a test of VoxCPM TTS API.", "lora_name": None, "cfg_scale": 2.0,
+                 "steps": 10, "seed": 42, "async_mode": False},
+                {"text": "这是使用声音克隆技术合成的语音。", "ref_audio_path": "reference_audio.wav",
+                 "ref_text": "这是参考音频的内容", "cfg_scale": 2.0, "steps": 20, "response_format": "wav"},
+            ]
+        }
+    )
+
+    text: StrictStr = Field(..., description="Text to synthesize (non-empty; limit set by --max-text-chars).")
+    lora_name: StrictStr | None = Field(None, description="A name from GET /loras; null or \"None\" = base model.")
+    cfg_scale: float = Field(2.0, gt=0.0, le=10.0, description="Classifier-free guidance, in (0, 10].")
+    steps: StrictInt = Field(10, ge=1, le=100, description="Diffusion steps per patch, 1..100.")
+    seed: StrictInt = Field(-1, ge=-1, le=SEED_MAX, description="-1 = random; the seed used is reported back.")
+    ref_audio_path: StrictStr | None = Field(
+        None, description="Reference audio for cloning, relative to a --ref-audio-dir root.")
+    ref_text: StrictStr | None = Field(None, description="Transcript of the reference audio.")
+    async_mode: StrictBool = Field(True, description="true: return a task_id at once; false: wait for the file.")
+    response_format: OutputFormat = Field(OutputFormat.MP3, description="mp3 | wav | flac | opus | pcm (s16le).")
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text must not be empty or whitespace")
+        return value
+
+
+class SubmitResponse(BaseModel):
+    task_id: str
+    status: Literal["submitted"] = "submitted"
+    message: str
+    estimated_time: int = Field(description="Seconds until the file should be ready (measured speed, queue included).")
+    progress: float = 0.0
+    seed: int
+    status_url: str
+
+
+class SyncResponse(BaseModel):
+    task_id: str
+    status: Literal["success"] = "success"
+    message: str
+    audio_path: str
+    sample_rate: int
+    duration_s: float
+    seed: int
+    lora_name: str | None
+    download_url: str
+
+
+class TaskView(BaseModel):
+    task_id: str
+    status: TaskStatus
+    message: str
+    progress: float
+    created_at: datetime
+    updated_at: datetime
+    estimated_time: int | None
+    audio_path: str | None
+    error: str | None
+    sample_rate: int | None
+    duration_s: float | None
+    lora_name: str | None
+    seed: int
+    response_format: OutputFormat
+    attempts: int
+    download_url: str | None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskView]
+    total: int
+    processing: int
+    max_concurrent: int
+
+
+class LoRAList(BaseModel):
+    loras: list[str]
+    count: int
+
+
+class Health(BaseModel):
+    status: Literal["healthy", "unhealthy"]
+    model_loaded: bool
+    model: str | None = None
+    architecture: str | None = None
+    sample_rate: int | None = None
+    device: str | None = None
+    engine_owner: bool
+    error: str | None = None
+
+
+class CleanupResult(BaseModel):
+    message: str
+    deleted_count: int

@@ -1,0 +1,128 @@
+"""`python start_api.py [flags]`: parse flags, build Settings once, resolve the model, run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .config import Settings
+
+TINY_MODELS = ("tiny", "tiny-v2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="start_api.py", description="VoxCPM LoRA TTS API server. Every flag has an env twin VOXCPM_<FLAG>.")
+    add = p.add_argument
+    add("--host", help="interface to listen on (default 0.0.0.0 = all)")
+    add("--port", type=int, help="port (default 8000)")
+    add("--dev", action="store_true", default=None, help="auto-reload on code changes")
+    add("--workers", type=int, help="HTTP worker processes; one of them owns the model (default 1)")
+    add("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add("--ssl-keyfile", help="TLS private key (PEM) for HTTPS")
+    add("--ssl-certfile", help="TLS certificate (PEM) for HTTPS")
+    add("--model", help="local model dir, hub id, or 'tiny' (random weights, makes noise)")
+    add("--lora-dir", type=Path, help="LoRA adapters root (default ./lora)")
+    add("--output-dir", type=Path, help="audio files and the task database (default ./api_outputs)")
+    add("--ref-audio-dir", type=Path, action="append",
+        help="allowed root for reference audio; repeatable (default ./reference_audio)")
+    add("--device", help="auto | cpu | cuda | cuda:N")
+    add("--compile", action="store_true", default=None, help="torch.compile on CUDA (slow start)")
+    add("--max-concurrent", type=int, help="tasks processed at once (default 2)")
+    add("--max-queue", type=int, help="pending tasks before 429 (default 1000)")
+    add("--max-text-chars", type=int, help="longest accepted text (default 5000)")
+    add("--api-key", help="require this key (Authorization: Bearer / X-API-Key)")
+    add("--cleanup-interval-s", type=float, help="delete old outputs every N seconds (0 = never)")
+    add("--cache-dir", type=Path, help="where tiny checkpoints are built (default <output-dir>/.cache)")
+    return p
+
+
+def settings_from_args(argv: list[str] | None) -> Settings:
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"error: invalid settings: {problems}") from None
+
+
+def resolve_model(settings: Settings) -> Settings:
+    """Turn a hub id into a local directory before serving; exit with one clear message on failure."""
+    model = settings.model
+    if model in TINY_MODELS:
+        return settings
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"error: {path} has no config.json; it does not look like a VoxCPM model directory")
+        return settings.model_copy(update={"model": str(path)})
+    if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
+        raise SystemExit(f"error: model '{model}' is neither a directory nor a hub id like openbmb/VoxCPM1.5")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id=model)
+    except Exception as exc:  # any hub failure ends in the same advice
+        raise SystemExit(
+            f"error: could not download the model '{model}' ({type(exc).__name__}). Download it where you have "
+            f"internet (e.g. `huggingface-cli download {model} --local-dir ./models/{model.replace('/', '__')}`), "
+            "copy the directory (config.json, model.safetensors or pytorch_model.bin, audiovae.pth, tokenizer "
+            f"files) to this machine and start with --model ./models/{model.replace('/', '__')}. "
+            "To try the API without weights, use --model tiny."
+        ) from None
+    return settings.model_copy(update={"model": local})
+
+
+def log_config(level: str) -> dict[str, Any]:
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["voxcpm_api"] = {"handlers": ["default"], "level": level.upper() if level != "trace" else "DEBUG",
+                                       "propagate": False}
+    return config
+
+
+def lan_addresses() -> list[str]:
+    addresses: set[str] = set()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # UDP connect sends nothing; it only picks a route
+            addresses.add(s.getsockname()[0])
+    except OSError:
+        pass
+    return sorted(a for a in addresses if not a.startswith("127."))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    settings = resolve_model(settings_from_args(argv))
+    logging.getLogger("voxcpm_api").setLevel(logging.INFO)
+    scheme = "https" if settings.ssl_certfile else "http"
+    shown = ["127.0.0.1"] + (lan_addresses() if settings.host in ("0.0.0.0", "::") else [])
+    if settings.host not in ("0.0.0.0", "::"):
+        shown = [settings.host]
+    print(f"VoxCPM API: model={settings.model} output={settings.output_dir} loras={settings.lora_dir}", file=sys.stderr)
+    for host in shown:
+        print(f"  {scheme}://{host}:{settings.port}   (docs: {scheme}://{host}:{settings.port}/docs)", file=sys.stderr)
+    common: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+                                  log_config=log_config(settings.log_level), ssl_keyfile=settings.ssl_keyfile,
+                                  ssl_certfile=settings.ssl_certfile, timeout_graceful_shutdown=30)
+    if settings.workers > 1 or settings.dev:
+        # Worker/reload processes import the app by name and rebuild Settings from the env twins.
+        os.environ.update(settings.to_env())
+        uvicorn.run("voxcpm_api.api.app:app_from_env", factory=True, workers=settings.workers,
+                    reload=settings.dev, **common)
+    else:
+        from .api.app import create_app
+
+        uvicorn.run(create_app(settings), **common)

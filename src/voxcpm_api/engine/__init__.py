@@ -1,0 +1,1 @@
+"""Synthesis engines. `base` (no torch) defines the seam; `voxcpm_engine` drives the official package."""

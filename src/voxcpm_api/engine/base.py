@@ -1,0 +1,64 @@
+"""The engine seam: what the task layer may ask of a speech model. No torch import here.
+
+An engine is single-threaded: the task layer calls every method but `info` from one dedicated
+worker thread per engine (see tasks/runner.py), so implementations may keep mutable model state
+(KV caches, the active adapter, torch's global RNG) without locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..domain import EngineInfo
+from ..lora.catalog import AdapterSpec
+
+# Called once after every generated patch, from the engine thread. It may raise TaskCancelled
+# to stop the generation at that patch boundary.
+PatchCallback = Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRequest:
+    """One model call: a piece of text that fits the model in one generation."""
+
+    text: str
+    adapter: AdapterSpec | None  # None = base model
+    cfg_scale: float
+    steps: int
+    seed: int  # torch.manual_seed(seed) right before generating, as the official package does
+    ref_audio_path: str | None = None
+    ref_text: str | None = None
+
+
+class Engine(Protocol):
+    def load(self) -> EngineInfo:
+        """Load weights (blocking, may take minutes). Raises VoxError subclasses on failure."""
+        ...
+
+    @property
+    def info(self) -> EngineInfo | None:
+        """None until load() has returned."""
+        ...
+
+    def linear_shapes(self) -> Mapping[str, tuple[int, int]]:
+        """(out_features, in_features) of every nn.Linear an adapter may target, by module path."""
+        ...
+
+    def expected_patches(self, text: str) -> int:
+        """Best estimate of how many patches `text` will produce (for progress and ETA)."""
+        ...
+
+    def generate(self, request: ChunkRequest, on_patch: PatchCallback) -> np.ndarray:
+        """Synthesize one chunk; returns mono float32 samples at info.sample_rate_hz, shape (N,).
+
+        Raises AdapterMismatch, BadAudio, TaskCancelled or EngineFailure.
+        """
+        ...
+
+    def check_reference_audio(self, path: str) -> None:
+        """Raise BadAudio if `path` cannot be decoded as audio the model can clone from."""
+        ...

@@ -1,0 +1,1 @@
+"""LoRA adapter discovery and validation (pure Python; the engine owns the tensors)."""

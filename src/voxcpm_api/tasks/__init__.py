@@ -1,0 +1,1 @@
+"""Durable task bookkeeping and the engine-owner runner. Nothing in this package imports torch."""

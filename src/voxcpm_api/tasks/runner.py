@@ -1,0 +1,311 @@
+"""The engine owner's loop: claim tasks from the store, synthesize, encode, write, record.
+
+Only the process holding the engine lock runs this. Concurrency model:
+- one engine thread (a single-thread executor) runs every engine call, because the official
+  model keeps per-generation state (KV caches, torch's global RNG) and must not be re-entered;
+- `max_concurrent` worker coroutines claim tasks; a task is claimed only after the worker has the
+  engine gate, so "processing" means "generating now, or encoding/writing its file"; encoding of
+  one task overlaps the generation of the next;
+- every blocking call (engine, encoder, SQLite) runs off the event loop.
+
+Whatever happens to a task, it ends in a final state or, when the process dies, is re-queued by
+the next owner (`TaskStore.requeue_interrupted`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..audio.encoders import FILE_EXTENSIONS, crossfade_concat, encode_audio, write_atomic
+from ..domain import EngineInfo, SynthesisParams
+from ..engine.base import ChunkRequest, Engine
+from ..errors import TaskCancelled, VoxError
+from ..lora.catalog import LoRACatalog, check_adapter_fits, is_base_model_name
+from ..paths import audio_file_name
+from ..textsplit import split_text, voice_design_prefix
+from .progress import PatchProgress, ShutdownRequested
+from .store import TaskRecord, TaskStore
+
+log = logging.getLogger("voxcpm_api.runner")
+
+HEARTBEAT_INTERVAL_S = 2.0
+CANCEL_POLL_INTERVAL_S = 0.3
+IDLE_POLL_INTERVAL_S = 0.5
+SEED_MODULUS = 2**32
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    output_dir: Path
+    max_concurrent: int
+    max_attempts: int
+    chunk_max_chars: int
+    cleanup_interval_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Synthesized:
+    samples: np.ndarray  # (N,) float32
+    sample_rate_hz: int
+    num_patches: int
+
+
+class EngineRunner:
+    def __init__(self, engine_factory: Callable[[], Engine], store: TaskStore, catalog: LoRACatalog,
+                 config: RunnerConfig, cleanup: Callable[[], object] | None = None) -> None:
+        self._engine_factory = engine_factory
+        self._store = store
+        self._catalog = catalog
+        self._config = config
+        self._cleanup = cleanup
+        self._engine: Engine | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._gate = asyncio.Semaphore(1)  # one generation at a time on this engine
+        self._wake = asyncio.Event()
+        self._cancel_events: dict[str, threading.Event] = {}
+        self._shutdown = threading.Event()
+        self._done_waiters: dict[str, list[asyncio.Event]] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._running: set[str] = set()  # task ids this process is generating right now
+        self.load_error: str | None = None
+        self.loaded = asyncio.Event()
+
+    @property
+    def info(self) -> EngineInfo | None:
+        return self._engine.info if self._engine is not None else None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model, publish what it is, recover interrupted tasks, start the workers."""
+        self._store.set_meta("engine", {"loaded": False, "pid": os.getpid(), "heartbeat": time.time()})
+        self._background.append(asyncio.create_task(self._heartbeat()))
+        try:
+            engine = await self._in_engine_thread(self._engine_factory)
+            info = await self._in_engine_thread(engine.load)
+            shapes = await self._in_engine_thread(lambda: dict(engine.linear_shapes()))
+        except Exception as exc:  # reported through /health; the process keeps serving task reads
+            self.load_error = exc.message if isinstance(exc, VoxError) else f"{type(exc).__name__}: {exc}"
+            log.error("model could not be loaded: %s", self.load_error)
+            self._store.set_meta("engine", {"loaded": False, "error": self.load_error, "pid": os.getpid(),
+                                            "heartbeat": time.time()})
+            return
+        self._engine = engine
+        self._store.set_meta("linear_shapes", {k: list(v) for k, v in shapes.items()})
+        self._store.set_meta("engine_info", asdict(info))
+        requeued, failed = await asyncio.to_thread(self._store.requeue_interrupted, self._config.max_attempts)
+        if requeued or failed:
+            log.warning("recovered interrupted tasks: %d re-queued, %d failed after too many attempts", requeued, failed)
+        await self._measure_speed(engine)
+        self._store.set_meta("engine", {"loaded": True, "pid": os.getpid(), "heartbeat": time.time()})
+        self.loaded.set()
+        log.info("model ready: %s (%s, %d Hz, %s)", info.model_id, info.architecture, info.sample_rate_hz, info.device)
+        for index in range(self._config.max_concurrent):
+            self._background.append(asyncio.create_task(self._worker(index)))
+        self._background.append(asyncio.create_task(self._watch_cancellations()))
+        if self._config.cleanup_interval_s > 0 and self._cleanup is not None:
+            self._background.append(asyncio.create_task(self._periodic_cleanup()))
+
+    async def stop(self) -> None:
+        """Graceful stop: running generations stop at their next patch and go back to pending."""
+        self._shutdown.set()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for task_id in list(self._running):
+            self._store.requeue_interrupted_one(task_id)
+        self._store.set_meta("engine", {"loaded": False, "pid": os.getpid(), "heartbeat": 0})
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def request_cancel(self, task_id: str) -> None:
+        event = self._cancel_events.get(task_id)
+        if event is not None:
+            event.set()
+
+    def done_event(self, task_id: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._done_waiters.setdefault(task_id, []).append(event)
+        return event
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]] | None:
+        return dict(self._engine.linear_shapes()) if self._engine is not None else None
+
+    # ---- background loops ---------------------------------------------------------------------
+
+    async def _in_engine_thread(self, fn: Callable[[], object]) -> object:  # type: ignore[misc]
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            state = self._store.get_meta("engine", {}) or {}
+            state.update(heartbeat=time.time(), pid=os.getpid())  # type: ignore[union-attr]
+            await asyncio.to_thread(self._store.set_meta, "engine", state)
+
+    async def _watch_cancellations(self) -> None:
+        # Cancels requested through another worker process arrive via the store.
+        while True:
+            await asyncio.sleep(CANCEL_POLL_INTERVAL_S)
+            if not self._cancel_events:
+                continue
+            for task_id in await asyncio.to_thread(self._store.cancel_requested_ids):
+                self.request_cancel(task_id)
+
+    async def _periodic_cleanup(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.cleanup_interval_s)
+            try:
+                await asyncio.to_thread(self._cleanup)  # type: ignore[arg-type]
+            except Exception:  # a failed sweep must not stop the next one
+                log.exception("periodic cleanup failed")
+
+    async def _measure_speed(self, engine: Engine) -> None:
+        """A short warm-up generation gives seconds-per-patch on this machine for ETAs."""
+        request = ChunkRequest(text="Hello, this is a warm-up.", adapter=None, cfg_scale=2.0, steps=10, seed=0)
+        counter = [0]
+
+        def count() -> None:
+            counter[0] += 1
+
+        started = time.monotonic()
+        try:
+            await self._in_engine_thread(lambda: engine.generate(request, count))
+        except VoxError as exc:
+            log.warning("warm-up generation failed: %s", exc.message)
+            return
+        if counter[0]:
+            self._record_speed((time.monotonic() - started) / counter[0], None)
+
+    def _record_speed(self, seconds_per_patch: float, patches_per_char: float | None) -> None:
+        stats = dict(self._store.get_meta("speed", {}) or {})  # type: ignore[arg-type]
+        old = stats.get("seconds_per_patch")
+        stats["seconds_per_patch"] = seconds_per_patch if old is None else 0.7 * old + 0.3 * seconds_per_patch
+        if patches_per_char is not None:
+            old_ppc = stats.get("patches_per_char")
+            stats["patches_per_char"] = patches_per_char if old_ppc is None else 0.7 * old_ppc + 0.3 * patches_per_char
+        self._store.set_meta("speed", stats)
+
+    async def _worker(self, index: int) -> None:
+        while True:
+            async with self._gate:
+                record = await asyncio.to_thread(self._store.claim_next)
+                if record is not None:
+                    synthesized = await self._generate(record)
+            if record is None:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_INTERVAL_S)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            if synthesized is not None:
+                await self._finish(record, synthesized)
+            self._notify_done(record.task_id)
+
+    # ---- one task -----------------------------------------------------------------------------
+
+    async def _generate(self, record: TaskRecord) -> Synthesized | None:
+        """Runs the model; returns None when the task already reached a final state (failed, etc.)."""
+        cancel = self._cancel_events.setdefault(record.task_id, threading.Event())
+        if record.cancel_requested:
+            cancel.set()
+        started = time.monotonic()
+        self._running.add(record.task_id)
+        try:
+            result = await self._in_engine_thread(lambda: self._synthesize_blocking(record, cancel))
+        except ShutdownRequested:
+            await asyncio.to_thread(self._store.requeue_interrupted_one, record.task_id)
+            return None
+        except TaskCancelled:
+            await asyncio.to_thread(self._store.mark_cancelled, record.task_id)
+            return None
+        except VoxError as exc:
+            log.info("task %s failed: %s", record.task_id, exc.message)
+            await asyncio.to_thread(self._store.fail, record.task_id, error=exc.message, error_status=exc.status_code)
+            return None
+        except Exception as exc:  # the engine must never leave a task stuck in processing
+            log.exception("task %s crashed the engine call", record.task_id)
+            await asyncio.to_thread(self._store.fail, record.task_id, error=f"internal error: {type(exc).__name__}: {exc}",
+                                    error_status=500)
+            return None
+        finally:
+            self._cancel_events.pop(record.task_id, None)
+            if not self._shutdown.is_set():  # on shutdown stop() re-queues what is still running
+                self._running.discard(record.task_id)
+        assert isinstance(result, Synthesized)
+        elapsed = time.monotonic() - started
+        if result.num_patches:
+            self._record_speed(elapsed / result.num_patches, result.num_patches / max(len(record.params.text), 1))
+        return result
+
+    def _synthesize_blocking(self, record: TaskRecord, cancel: threading.Event) -> Synthesized:
+        """Engine thread: resolve the adapter, split the text, generate every chunk, join them."""
+        engine = self._engine
+        assert engine is not None and engine.info is not None
+        params = record.params
+        adapter = None
+        if not is_base_model_name(params.lora_name):
+            adapter = self._catalog.resolve(params.lora_name or "")
+            check_adapter_fits(adapter, engine.linear_shapes())
+        chunks = self._plan_chunks(params.text, engine.info)
+        progress = PatchProgress(
+            [engine.expected_patches(c) for c in chunks],
+            write=lambda p, m, eta: self._store.update_progress(record.task_id, p, m, eta),
+            cancel=cancel, shutdown=self._shutdown,
+        )
+        pieces = []
+        for index, chunk in enumerate(chunks):
+            progress.start_chunk(index)
+            request = ChunkRequest(
+                text=chunk, adapter=adapter, cfg_scale=params.cfg_scale, steps=params.steps,
+                # chunk i is seeded with seed + i: a chunk's audio does not depend on scheduling
+                seed=(params.seed + index) % SEED_MODULUS,
+                ref_audio_path=params.ref_audio_path, ref_text=params.ref_text,
+            )
+            pieces.append(engine.generate(request, progress.on_patch))
+        samples = crossfade_concat(pieces, engine.info.sample_rate_hz)
+        return Synthesized(samples=samples, sample_rate_hz=engine.info.sample_rate_hz, num_patches=progress.done_total)
+
+    def _plan_chunks(self, text: str, info: EngineInfo) -> list[str]:
+        chunks = split_text(text, self._config.chunk_max_chars)
+        if len(chunks) == 1:
+            return chunks  # untouched: sample-exact with the official package
+        prefix, _ = voice_design_prefix(text) if info.architecture == "voxcpm2" else ("", text)
+        if prefix:  # VoxCPM2 voice design: every chunk needs the description to keep the voice
+            chunks = [chunks[0]] + [prefix + c if not c.startswith(prefix) else c for c in chunks[1:]]
+        return chunks
+
+    async def _finish(self, record: TaskRecord, synthesized: Synthesized) -> None:
+        fmt = record.params.response_format.value
+        file_name = audio_file_name(record.task_id, FILE_EXTENSIONS[fmt].lstrip("."))
+        try:
+            data = await asyncio.to_thread(encode_audio, synthesized.samples, synthesized.sample_rate_hz, fmt)
+            await asyncio.to_thread(write_atomic, self._config.output_dir / file_name, data)
+        except Exception as exc:
+            log.exception("task %s: encoding or writing failed", record.task_id)
+            await asyncio.to_thread(self._store.fail, record.task_id, error=f"could not write the audio file: {exc}",
+                                    error_status=500)
+            return
+        duration_s = len(synthesized.samples) / synthesized.sample_rate_hz
+        await asyncio.to_thread(
+            self._store.complete, record.task_id, audio_file=file_name, sample_rate_hz=synthesized.sample_rate_hz,
+            duration_s=round(duration_s, 3), num_patches=synthesized.num_patches,
+            message="Speech synthesized successfully",
+        )
+
+    def _notify_done(self, task_id: str) -> None:
+        for event in self._done_waiters.pop(task_id, []):
+            event.set()

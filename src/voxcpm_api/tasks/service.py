@@ -1,0 +1,287 @@
+"""The one service the HTTP handlers call: validate, submit, wait, inspect, cancel, clean up.
+
+It runs in every worker process. Only the engine owner also has a runner; the others talk to
+the owner exclusively through the SQLite store (tasks in, results and progress out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile as sf
+
+from ..config import Settings
+from ..domain import EngineInfo, OutputFormat, SynthesisParams, TaskStatus
+from ..errors import (BadAudio, Conflict, InvalidInput, NotReady, Overloaded, TaskNotFound, VoxError)
+from ..lora.catalog import LoRACatalog, check_adapter_fits, is_base_model_name
+from ..paths import (AUDIO_FILE_RE, UPLOADS_DIR_NAME, new_task_id, resolve_download, resolve_reference_audio)
+from .runner import EngineRunner
+from .store import TaskRecord, TaskStore
+
+log = logging.getLogger("voxcpm_api.service")
+
+OWNER_STALE_AFTER_S = 10.0
+DEFAULT_SECONDS_PER_PATCH = 0.5
+DEFAULT_PATCHES_PER_CHAR = 0.6
+UPLOAD_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus"}
+SYNC_POLL_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class SynthesisInput:
+    """A request as the client sent it (already type-checked by the API schema)."""
+
+    text: str
+    lora_name: str | None
+    cfg_scale: float
+    steps: int
+    seed: int
+    ref_audio_path: str | None
+    ref_text: str | None
+    response_format: OutputFormat
+    uploaded_ref: Path | None = None  # set by the upload endpoint instead of ref_audio_path
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    model_loaded: bool
+    engine_owner: bool
+    owner_pid: int | None
+    error: str | None
+    info: EngineInfo | None
+
+
+class TaskService:
+    def __init__(self, settings: Settings, store: TaskStore, catalog: LoRACatalog) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalog = catalog
+        self.runner: EngineRunner | None = None  # set when this process becomes the engine owner
+
+    # ---- submission ---------------------------------------------------------------------------
+
+    async def submit(self, request: SynthesisInput) -> TaskRecord:
+        """Validate everything that can be validated now; nothing is stored unless all of it passes."""
+        params = await asyncio.to_thread(self._validate, request)
+        estimate_s = self._estimate_s(params.text)
+        record = await asyncio.to_thread(
+            self.store.insert, new_task_id(), params,
+            message="Task submitted; poll GET /task/{task_id} for status", estimated_time_s=estimate_s,
+            max_pending=self.settings.max_queue,
+        )
+        if record is None:
+            retry_after = int(min(3600, max(1.0, self.store.pending_estimate_ahead_s())))
+            raise Overloaded(f"the queue is full ({self.settings.max_queue} tasks waiting); retry later",
+                             retry_after_s=retry_after)
+        if self.runner is not None:
+            self.runner.wake()
+        return record
+
+    def _validate(self, request: SynthesisInput) -> SynthesisParams:
+        text = request.text
+        if not text.strip():
+            raise InvalidInput("text must not be empty or whitespace", field="text")
+        if len(text) > self.settings.max_text_chars:
+            raise InvalidInput(f"text is {len(text)} characters; the limit is {self.settings.max_text_chars} "
+                               "(--max-text-chars)", field="text")
+        lora_name = None if is_base_model_name(request.lora_name) else request.lora_name
+        if lora_name is not None:
+            spec = self.catalog.resolve(lora_name)
+            shapes = self._linear_shapes()
+            if shapes is not None:
+                check_adapter_fits(spec, shapes)
+        ref_path = self._resolve_reference(request)
+        if request.ref_text is not None and ref_path is None:
+            raise InvalidInput("ref_text was given without reference audio (ref_audio_path or an upload)",
+                               field="ref_text")
+        info = self.engine_info()
+        if ref_path is not None and not (request.ref_text or "").strip() and info is not None and info.needs_ref_text:
+            raise InvalidInput("this model (VoxCPM 1.x) needs ref_text, the transcript of the reference audio, "
+                               "to clone a voice", field="ref_text")
+        if request.ref_text is not None and not request.ref_text.strip():
+            raise InvalidInput("ref_text must not be empty or whitespace", field="ref_text")
+        seed = request.seed if request.seed >= 0 else secrets.randbelow(2**31)
+        return SynthesisParams(
+            text=text, lora_name=lora_name, cfg_scale=request.cfg_scale, steps=request.steps, seed=seed,
+            ref_audio_path=str(ref_path) if ref_path else None, ref_text=request.ref_text,
+            response_format=request.response_format,
+        )
+
+    def _resolve_reference(self, request: SynthesisInput) -> Path | None:
+        if request.uploaded_ref is not None:
+            path = request.uploaded_ref
+        elif request.ref_audio_path is not None:
+            path = resolve_reference_audio(request.ref_audio_path, list(self.settings.ref_audio_dir))
+        else:
+            return None
+        check_audio_decodable(path)
+        return path
+
+    def _linear_shapes(self) -> dict[str, tuple[int, int]] | None:
+        if self.runner is not None and self.runner.linear_shapes() is not None:
+            return self.runner.linear_shapes()
+        raw = self.store.get_meta("linear_shapes")
+        if isinstance(raw, dict):
+            return {k: (int(v[0]), int(v[1])) for k, v in raw.items()}
+        return None
+
+    def _estimate_s(self, text: str) -> float:
+        """Own generation time from measured speed on this machine, plus the queue ahead."""
+        stats = self.store.get_meta("speed", {}) or {}
+        assert isinstance(stats, dict)
+        per_patch = float(stats.get("seconds_per_patch", DEFAULT_SECONDS_PER_PATCH))
+        per_char = float(stats.get("patches_per_char", DEFAULT_PATCHES_PER_CHAR))
+        return round(per_patch * per_char * len(text), 2)
+
+    async def save_upload(self, file_name: str, data: bytes) -> Path:
+        """Content-addressed, so re-uploading the same voice reuses the file (and its features)."""
+        if len(data) == 0:
+            raise BadAudio("the uploaded reference audio is empty", field="file")
+        if len(data) > self.settings.max_upload_bytes:
+            raise InvalidInput(f"upload is {len(data)} bytes; the limit is {self.settings.max_upload_bytes}",
+                               field="file")
+        suffix = Path(file_name or "").suffix.lower()
+        if suffix not in UPLOAD_SUFFIXES:
+            suffix = ".audio"
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.settings.output_dir / UPLOADS_DIR_NAME / f"{digest}{suffix}"
+
+        def write() -> None:
+            from ..audio.encoders import write_atomic
+
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                write_atomic(target, data)
+            check_audio_decodable(target)
+
+        await asyncio.to_thread(write)
+        return target
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord:
+        record = await asyncio.to_thread(self.store.get, task_id)
+        if record is None:
+            raise TaskNotFound(f"task '{task_id}' not found")
+        return record
+
+    async def wait(self, task_id: str) -> TaskRecord:
+        """Await a final state without blocking the event loop (sync mode)."""
+        while True:
+            event = self.runner.done_event(task_id) if self.runner is not None else None
+            record = await self.get(task_id)
+            if record.status.is_final:
+                return record
+            if event is not None:
+                try:
+                    await asyncio.wait_for(event.wait(), SYNC_POLL_INTERVAL_S * 4)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(SYNC_POLL_INTERVAL_S / 5)
+
+    async def list_tasks(self, status: TaskStatus | None, limit: int) -> tuple[list[TaskRecord], int, int]:
+        def read() -> tuple[list[TaskRecord], int, int]:
+            return (self.store.list_tasks(status, limit), self.store.count(status),
+                    self.store.count(TaskStatus.PROCESSING))
+
+        return await asyncio.to_thread(read)
+
+    async def cancel(self, task_id: str) -> TaskRecord:
+        before = await asyncio.to_thread(self.store.request_cancel, task_id)
+        if before is None:
+            raise TaskNotFound(f"task '{task_id}' not found")
+        if before.is_final:
+            raise Conflict(f"task '{task_id}' is already {before.value}; nothing to cancel")
+        if before is TaskStatus.PROCESSING and self.runner is not None:
+            self.runner.request_cancel(task_id)
+        return await self.get(task_id)
+
+    def download_path(self, file_name: str) -> Path:
+        path = resolve_download(self.settings.output_dir, file_name)
+        if not self.store.is_known_audio_file(file_name):
+            raise_missing()
+        return path
+
+    # ---- housekeeping -------------------------------------------------------------------------
+
+    async def cleanup(self, max_age_s: float) -> int:
+        return await asyncio.to_thread(self.cleanup_blocking, max_age_s)
+
+    def cleanup_blocking(self, max_age_s: float | None = None) -> int:
+        """Delete our output files older than max_age_s; never inputs of unfinished tasks."""
+        max_age_s = self.settings.cleanup_max_age_s if max_age_s is None else max_age_s
+        cutoff = time.time() - max_age_s
+        output_dir = self.settings.output_dir
+        active_refs = {t.params.ref_audio_path for s in (TaskStatus.PENDING, TaskStatus.PROCESSING)
+                       for t in self.store.list_tasks(s, limit=1_000_000)}
+        deleted_audio: list[str] = []
+        deleted = 0
+        candidates = list(output_dir.glob("tts_*")) + list(output_dir.glob(".*.part"))
+        candidates += list((output_dir / UPLOADS_DIR_NAME).glob("*")) if (output_dir / UPLOADS_DIR_NAME).is_dir() else []
+        for path in candidates:
+            try:
+                if not path.is_file() or path.stat().st_mtime >= cutoff or str(path.resolve()) in active_refs:
+                    continue
+                if path.parent == output_dir and path.name.startswith("tts_") and not AUDIO_FILE_RE.fullmatch(path.name):
+                    continue  # not one of ours
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            deleted += 1
+            if AUDIO_FILE_RE.fullmatch(path.name):
+                deleted_audio.append(path.name)
+        if deleted_audio:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            self.store.forget_audio_files(deleted_audio, f"Audio file removed by cleanup at {stamp}")
+        log.info("cleanup removed %d files older than %.0f s", deleted, max_age_s)
+        return deleted
+
+    # ---- readiness ----------------------------------------------------------------------------
+
+    def readiness(self) -> Readiness:
+        if self.runner is not None:
+            return Readiness(model_loaded=self.runner.info is not None and self.runner.loaded.is_set(),
+                             engine_owner=True, owner_pid=None, error=self.runner.load_error, info=self.runner.info)
+        state = self.store.get_meta("engine", {}) or {}
+        assert isinstance(state, dict)
+        fresh = time.time() - float(state.get("heartbeat", 0)) < OWNER_STALE_AFTER_S
+        return Readiness(model_loaded=bool(state.get("loaded")) and fresh, engine_owner=False,
+                         owner_pid=state.get("pid") if fresh else None, error=state.get("error"),
+                         info=self.engine_info())
+
+    def engine_info(self) -> EngineInfo | None:
+        if self.runner is not None and self.runner.info is not None:
+            return self.runner.info
+        raw = self.store.get_meta("engine_info")
+        return EngineInfo(**raw) if isinstance(raw, dict) else None
+
+    def require_ready(self) -> None:
+        if not self.readiness().model_loaded:
+            raise NotReady("the model is still loading; retry shortly (GET /health shows model_loaded)")
+
+
+def raise_missing() -> None:
+    from ..errors import FileMissing
+
+    raise FileMissing("file not found")
+
+
+def check_audio_decodable(path: Path) -> None:
+    """Cheap header check with libsndfile (wav, flac, ogg/opus, mp3); raises BadAudio."""
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # soundfile raises RuntimeError/LibsndfileError/TypeError for junk
+        raise BadAudio(f"reference audio '{path.name}' cannot be decoded as wav, flac, mp3 or ogg audio",
+                       field="ref_audio_path") from exc
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise BadAudio(f"reference audio '{path.name}' holds no samples", field="ref_audio_path")
+
+
+__all__ = ["SynthesisInput", "TaskService", "Readiness", "VoxError"]
