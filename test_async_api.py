@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -228,6 +229,13 @@ def error_detail(resp: requests.Response) -> str:
     return str(detail)
 
 
+def tls_reason(exc: BaseException) -> str:
+    """'certificate verify failed: self-signed certificate' out of requests' long SSLError text."""
+    text = str(exc)
+    match = re.search(r"certificate verify failed: ([^(]*)", text) or re.search(r"\[SSL[^\]]*\] ([^(]*)", text)
+    return match.group(0 if "verify" in match.group(0) else 1).strip().rstrip(" ,") if match else text[:160]
+
+
 _SIGNATURES: dict[str, Callable[[bytes], bool]] = {
     "wav": lambda b: b[:4] == b"RIFF" and b[8:12] == b"WAVE",
     "flac": lambda b: b[:4] == b"fLaC",
@@ -256,11 +264,12 @@ def format_size(num_bytes: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 class ApiError(Exception):
-    def __init__(self, status_code: int | None, detail: str, headers: Any = None) -> None:
+    def __init__(self, status_code: int | None, detail: str, headers: Any = None, *, fatal: bool = False) -> None:
         super().__init__(f"HTTP {status_code}: {detail}" if status_code else detail)
         self.status_code = status_code
         self.detail = detail
         self.headers = headers
+        self.fatal = fatal  # retrying will not help (e.g. a TLS certificate problem)
 
 
 class ApiClient:
@@ -286,7 +295,8 @@ class ApiClient:
         try:
             resp = self.session.request(method, self.url(path, **(query or {})), verify=self.verify, **kwargs)
         except requests.exceptions.SSLError as exc:
-            raise ApiError(None, f"TLS error ({exc}); for a self-signed certificate add --insecure") from exc
+            raise ApiError(None, f"TLS error ({tls_reason(exc)}); for a self-signed certificate add --insecure",
+                           fatal=True) from exc
         except requests.exceptions.RequestException as exc:
             raise ApiError(None, f"cannot reach {self.base_url}: {exc.__class__.__name__}") from exc
         if not resp.ok:
@@ -353,6 +363,9 @@ def wait_until_ready(client: ApiClient, wait_s: float, interval: float = 2.0) ->
             note = f"server up, model loading… ({json.dumps(health, ensure_ascii=False)})"
         except ApiError as exc:
             note = f"not ready: {exc}"
+            if exc.fatal:
+                print(f"  … {note}")
+                return None
         if note != last_note:
             print(f"  … {note}")
             last_note = note
@@ -474,8 +487,8 @@ def _run(client: ApiClient, args: argparse.Namespace) -> int:
     _step(1, "Health check")
     health = wait_until_ready(client, args.wait_s)
     if health is None:
-        print(f"  ✗ the server or its model was not ready within {args.wait_s:.0f} s"
-              " (is it running? try: python test_network.py)")
+        print(f"  ✗ giving up: the server or its model is not ready (--wait-s {args.wait_s:g});"
+              " is it running? try: python test_network.py")
         return 1
     print(f"  ✓ {json.dumps(health, ensure_ascii=False)}")
 

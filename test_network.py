@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import socket
 import sys
 import time
@@ -186,7 +187,7 @@ def probe(session: requests.Session, url: str, path: str, *, timeout: float, ver
     try:
         resp = session.get(url, timeout=timeout, verify=verify)
     except requests.exceptions.SSLError as exc:
-        return ProbeResult(path, False, error=f"TLS error: {exc} (self-signed certificate? try --insecure)")
+        return ProbeResult(path, False, error=f"TLS error: {tls_reason(exc)} (self-signed certificate? try --insecure)")
     except requests.exceptions.ConnectionError as exc:
         return ProbeResult(path, False, error=f"connection failed: {_short(exc)}")
     except requests.exceptions.Timeout:
@@ -203,6 +204,13 @@ def probe(session: requests.Session, url: str, path: str, *, timeout: float, ver
         detail = data.get("detail") if isinstance(data, dict) else data
         error = f"HTTP {resp.status_code}: {detail}"
     return ProbeResult(path, resp.ok, resp.status_code, data, error, elapsed_ms)
+
+
+def tls_reason(exc: BaseException) -> str:
+    """'certificate verify failed: self-signed certificate' out of requests' long SSLError text."""
+    text = str(exc)
+    match = re.search(r"certificate verify failed: ([^(]*)", text) or re.search(r"\[SSL[^\]]*\] ([^(]*)", text)
+    return match.group(0 if "verify" in match.group(0) else 1).strip().rstrip(" ,") if match else text[:160]
 
 
 def _short(exc: BaseException) -> str:

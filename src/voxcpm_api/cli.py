@@ -45,21 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(argv: list[str] | None) -> Settings:
+def settings_from_args(argv: list[str] | None) -> tuple[Settings, bool]:
+    """Settings plus whether the LoRA dir was chosen explicitly (flag or env)."""
     args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
+    lora_dir_given = "lora_dir" in given or "VOXCPM_LORA_DIR" in os.environ
     try:
-        return Settings(**given)
+        return Settings(**given), lora_dir_given
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise SystemExit(f"error: invalid settings: {problems}") from None
 
 
-def resolve_model(settings: Settings) -> Settings:
-    """Turn a hub id into a local directory before serving; exit with one clear message on failure."""
+def resolve_model(settings: Settings, lora_dir_given: bool = True) -> Settings:
+    """Turn `tiny` or a hub id into a local directory before serving; exit with one clear message on failure."""
     model = settings.model
     if model in TINY_MODELS:
-        return settings
+        return _use_tiny(settings, lora_dir_given)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -80,6 +82,22 @@ def resolve_model(settings: Settings) -> Settings:
             "To try the API without weights, use --model tiny."
         ) from None
     return settings.model_copy(update={"model": local})
+
+
+def _use_tiny(settings: Settings, lora_dir_given: bool) -> Settings:
+    from .engine.tiny import build_tiny_checkpoints
+
+    tiny = build_tiny_checkpoints(settings.effective_cache_dir / "tiny")
+    arch = "voxcpm2" if settings.model == "tiny-v2" else "voxcpm"
+    banner = "!" * 78
+    print(f"{banner}\n  --model {settings.model}: RANDOM WEIGHTS in the official format ({tiny.models[arch]}).\n"
+          "  It makes NOISE, NOT SPEECH. Use it to try the API offline; pass --model <dir> for real voices.\n"
+          f"{banner}", file=sys.stderr)
+    update: dict[str, Any] = {"model": str(tiny.models[arch])}
+    if not lora_dir_given:
+        update["lora_dir"] = tiny.lora_roots[arch]
+        print(f"  LoRA adapters of the tiny model: {tiny.lora_roots[arch]}", file=sys.stderr)
+    return settings.model_copy(update=update)
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -105,7 +123,8 @@ def lan_addresses() -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    settings = resolve_model(settings_from_args(argv))
+    settings, lora_dir_given = settings_from_args(argv)
+    settings = resolve_model(settings, lora_dir_given)
     logging.getLogger("voxcpm_api").setLevel(logging.INFO)
     scheme = "https" if settings.ssl_certfile else "http"
     shown = ["127.0.0.1"] + (lan_addresses() if settings.host in ("0.0.0.0", "::") else [])

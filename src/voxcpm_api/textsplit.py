@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["split_text", "voice_design_prefix"]
+__all__ = ["split_sentences", "split_text", "voice_design_prefix"]
 
 # --------------------------------------------------------------------------- characters
 
@@ -184,8 +184,10 @@ def _is_sentence_end(text: str, run_start: int, run_end: int, end: int, quotes: 
         return not _PREV_INITIAL.search(text, max(0, run_start - 24), run_start - 1)
     if token.isdigit() and len(token) <= 3:
         # list marker "1. Item" at the start of a line
-        line_start = text.rfind("\n", 0, run_start) + 1
-        if text[line_start : run_start - len(token)].strip() == "":
+        i = run_start - len(token) - 1
+        while i >= 0 and text[i] in " \t\u3000":
+            i -= 1
+        if i < 0 or text[i] in "\n\r\u2028\u2029":
             return False
     return True
 
@@ -335,6 +337,16 @@ def split_text(text: str, max_chars: int = 200) -> list[str]:
     if len(text.strip()) <= max_chars:
         return [text]
     return [text[s:e] for s, e in _split_span(text, 0, len(text), _LEVEL_SENTENCE, max_chars)]
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentence-level pieces of ``text`` (sentences and lines), stripped, without packing or length limit.
+
+    This is level 1 of :func:`split_text`, exposed for callers and tests that
+    want the raw segmentation.
+    """
+    s, e = _strip(text, 0, len(text))
+    return [text[ps:pe] for ps, pe in _pieces(text, s, e, _sentence_cuts(text, s, e))]
 
 
 # --------------------------------------------------------------------------- voice design

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audio.encoders import FILE_EXTENSIONS, crossfade_concat, encode_audio, write_atomic
+from ..audio.encoders import (FILE_EXTENSIONS, crossfade_concat, encode_audio, mp3_sample_rate_for,
+                              opus_sample_rate_for, write_atomic)
 from ..domain import EngineInfo, SynthesisParams
 from ..engine.base import ChunkRequest, Engine
 from ..errors import TaskCancelled, VoxError
@@ -280,13 +281,15 @@ class EngineRunner:
         return Synthesized(samples=samples, sample_rate_hz=engine.info.sample_rate_hz, num_patches=progress.done_total)
 
     def _plan_chunks(self, text: str, info: EngineInfo) -> list[str]:
-        chunks = split_text(text, self._config.chunk_max_chars)
+        max_chars = self._config.chunk_max_chars
+        chunks = split_text(text, max_chars)
         if len(chunks) == 1:
             return chunks  # untouched: sample-exact with the official package
-        prefix, _ = voice_design_prefix(text) if info.architecture == "voxcpm2" else ("", text)
-        if prefix:  # VoxCPM2 voice design: every chunk needs the description to keep the voice
-            chunks = [chunks[0]] + [prefix + c if not c.startswith(prefix) else c for c in chunks[1:]]
-        return chunks
+        prefix, rest = voice_design_prefix(text) if info.architecture == "voxcpm2" else ("", text)
+        if not prefix:
+            return chunks
+        # VoxCPM2 voice design: split only the words, then give every chunk the description
+        return [prefix + c for c in split_text(rest, max(20, max_chars - len(prefix)))]
 
     async def _finish(self, record: TaskRecord, synthesized: Synthesized) -> None:
         fmt = record.params.response_format.value
@@ -301,7 +304,8 @@ class EngineRunner:
             return
         duration_s = len(synthesized.samples) / synthesized.sample_rate_hz
         await asyncio.to_thread(
-            self._store.complete, record.task_id, audio_file=file_name, sample_rate_hz=synthesized.sample_rate_hz,
+            self._store.complete, record.task_id, audio_file=file_name,
+            sample_rate_hz=file_sample_rate_hz(fmt, synthesized.sample_rate_hz),
             duration_s=round(duration_s, 3), num_patches=synthesized.num_patches,
             message="Speech synthesized successfully",
         )
@@ -309,3 +313,12 @@ class EngineRunner:
     def _notify_done(self, task_id: str) -> None:
         for event in self._done_waiters.pop(task_id, []):
             event.set()
+
+
+def file_sample_rate_hz(fmt: str, model_rate_hz: int) -> int:
+    """The rate of the written file: MP3 and Opus support only some rates (see audio/encoders.py)."""
+    if fmt == "opus":
+        return opus_sample_rate_for(model_rate_hz)
+    if fmt == "mp3":
+        return mp3_sample_rate_for(model_rate_hz)
+    return model_rate_hz

@@ -150,7 +150,8 @@ class TaskService:
         if suffix not in UPLOAD_SUFFIXES:
             suffix = ".audio"
         digest = hashlib.sha256(data).hexdigest()
-        target = self.settings.output_dir / UPLOADS_DIR_NAME / f"{digest}{suffix}"
+        # absolute, like every stored ref_audio_path: cleanup compares resolved paths to spare active inputs
+        target = (self.settings.output_dir / UPLOADS_DIR_NAME).resolve() / f"{digest}{suffix}"
 
         def write() -> None:
             from ..audio.encoders import write_atomic
