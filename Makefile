@@ -40,3 +40,6 @@ test: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+bench: venv
+	$(VPY) bench/bench_service.py

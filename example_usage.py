@@ -131,6 +131,8 @@ def wait_until_ready(timeout_s: float = 300) -> dict[str, Any]:
             health = requests.get(url("/health"), timeout=10).json()
             if health.get("model_loaded"):
                 return health
+            if health.get("status") == "unhealthy":
+                raise RuntimeError(f"the model failed to load: {health.get('error')} (see the server log)")
         except (requests.RequestException, ValueError):
             health = None
         if time.monotonic() > deadline:
@@ -296,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  ready: {wait_until_ready(args.wait_s)}")
     except TimeoutError as exc:
         print(f"  {exc} — is the server running? (python start_api.py, or python test_network.py)")
+        return 1
+    except RuntimeError as exc:
+        print(f"  {exc}")
         return 1
 
     reference: dict[str, Any] = {"path": args.ref_audio, "text": args.ref_text or SAMPLE_TEXT}

@@ -360,6 +360,9 @@ def wait_until_ready(client: ApiClient, wait_s: float, interval: float = 2.0) ->
             health = client.health()
             if health.get("model_loaded", health.get("status") == "healthy"):
                 return health
+            if health.get("status") == "unhealthy":  # the model failed to load: waiting will not help
+                print(f"  … the server reports a failure: {health.get('error') or health}")
+                return None
             note = f"server up, model loading… ({json.dumps(health, ensure_ascii=False)})"
         except ApiError as exc:
             note = f"not ready: {exc}"
@@ -487,8 +490,8 @@ def _run(client: ApiClient, args: argparse.Namespace) -> int:
     _step(1, "Health check")
     health = wait_until_ready(client, args.wait_s)
     if health is None:
-        print(f"  ✗ giving up: the server or its model is not ready (--wait-s {args.wait_s:g});"
-              " is it running? try: python test_network.py")
+        print(f"  ✗ giving up (waited up to --wait-s {args.wait_s:g} s); see the server log,"
+              " or run: python test_network.py")
         return 1
     print(f"  ✓ {json.dumps(health, ensure_ascii=False)}")
 

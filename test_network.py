@@ -290,7 +290,10 @@ def build_advice(*, host: str, port: int, https: bool, lan_addresses: Sequence[s
                       " 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.")
     if health.ok:
         data = health.data if isinstance(health.data, dict) else {}
-        if data.get("model_loaded") is False:
+        if data.get("status") == "unhealthy":
+            advice.append(f"The server is up but its model failed to load: {data.get('error') or 'see the server log'}."
+                          " Check --model (a local directory, a hub id, or tiny) and the server log.")
+        elif data.get("model_loaded") is False:
             advice.append("The model is still loading (the first start can take minutes); synthesis requests"
                           " return 503 until /health reports model_loaded=true.")
         advice.append(f"Interactive API docs: {build_base_url(host, port, https)}/docs")

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-queue", type=int, help="pending tasks before 429 (default 1000)")
     add("--max-text-chars", type=int, help="longest accepted text (default 5000)")
     add("--api-key", help="require this key (Authorization: Bearer / X-API-Key)")
+    add("--cors-origins", help="comma-separated origins allowed by CORS (default *; empty string = no CORS)")
     add("--cleanup-interval-s", type=float, help="delete old outputs every N seconds (0 = never)")
     add("--cache-dir", type=Path, help="where tiny checkpoints are built (default <output-dir>/.cache)")
     return p

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
 
     # --- security and housekeeping ---
     api_key: str | None = None
+    # Browsers on other origins (the seed's JavaScript example) need CORS; "*" allows any page,
+    # which is safe without cookies because auth is an explicit header.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     cleanup_interval_s: float = Field(0.0, ge=0.0)  # 0 = no periodic cleanup
     cleanup_max_age_s: float = Field(3600.0, ge=0.0)
 
@@ -67,6 +70,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             parts = [p for chunk in value.split(os.pathsep) for p in chunk.split(",")]
             return [p.strip() for p in parts if p.strip()]
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
         return value
 
     @field_validator("device")
@@ -96,8 +106,9 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None:
                 continue
-            if isinstance(value, list):
-                text = os.pathsep.join(str(v) for v in value)
+            if isinstance(value, list):  # paths split on os.pathsep, origins (which hold ':') on ','
+                separator = "," if name == "cors_origins" else os.pathsep
+                text = separator.join(str(v) for v in value)
             elif isinstance(value, bool):
                 text = "true" if value else "false"
             else:

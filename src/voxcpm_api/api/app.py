@@ -8,7 +8,8 @@ import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..config import Settings
@@ -18,7 +19,7 @@ from ..tasks.ownership import EngineLock
 from ..tasks.runner import EngineRunner, RunnerConfig
 from ..tasks.service import TaskService
 from ..tasks.store import TaskStore
-from .auth import make_api_key_check
+from .auth import ApiKeyMiddleware
 from .errors import install_error_handlers
 from .routes import protected, public
 
@@ -74,8 +75,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskS
 
     app = FastAPI(title="VoxCPM LoRA TTS API", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    if settings.cors_origins:  # added last = outermost, so even a 401 carries CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Retry-After", "Content-Disposition"])
     app.include_router(public)
-    app.include_router(protected, dependencies=[Depends(make_api_key_check(settings.api_key))])
+    app.include_router(protected)
     return app
 
 

@@ -1,23 +1,42 @@
-"""Optional API key: `Authorization: Bearer K` or `X-API-Key: K` on every route but /health and /docs."""
+"""Optional API key: `Authorization: Bearer K` or `X-API-Key: K` on every route but the open ones.
+
+A pure ASGI middleware rather than a route dependency, so the key is checked before anything
+else looks at the request: a malformed body without a key gets 401, not 422.
+"""
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import Unauthorized
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
-def make_api_key_check(api_key: str | None):  # type: ignore[no-untyped-def]
-    async def check(request: Request) -> None:
-        if not api_key:
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
             return
-        supplied = request.headers.get("x-api-key")
-        authorization = request.headers.get("authorization", "")
-        if supplied is None and authorization.lower().startswith("bearer "):
-            supplied = authorization[7:].strip()
-        if supplied is None or not hmac.compare_digest(supplied.encode(), api_key.encode()):
-            raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        if self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(
+            status_code=401, headers={"WWW-Authenticate": "Bearer"},
+            content={"detail": "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"})
+        await response(scope, receive, send)
 
-    return check
+    def _authorized(self, scope: Scope) -> bool:
+        supplied: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-api-key":
+                supplied = value.strip()
+                break
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                supplied = value[7:].strip()
+        return supplied is not None and hmac.compare_digest(supplied, self.api_key)

@@ -16,4 +16,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Retry-After"] = str(exc.retry_after_s)
         if isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message}, headers=headers)
+        content: dict[str, str] = {"detail": exc.message}
+        if exc.field:  # 4xx bodies name the culprit (see errors.py)
+            content["field"] = exc.field
+        return JSONResponse(status_code=exc.status_code, content=content, headers=headers)

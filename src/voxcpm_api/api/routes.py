@@ -74,8 +74,7 @@ async def synthesize_upload(
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
     data = await _read_capped(file, service.settings.max_upload_bytes)
-    uploaded = await service.save_upload(file.filename or "", data)
-    record = await service.submit(_to_input(body, uploaded_ref=uploaded))
+    record = await service.submit_upload(_to_input(body), file.filename or "", data)
     return await _respond(service, record, body.async_mode, request)
 
 
@@ -115,10 +114,10 @@ async def cleanup(service: ServiceDep, max_age_s: Annotated[float, Query(ge=0)] 
 # ---- shaping helpers --------------------------------------------------------------------------
 
 
-def _to_input(body: SynthesizeRequest, uploaded_ref=None) -> SynthesisInput:  # type: ignore[no-untyped-def]
+def _to_input(body: SynthesizeRequest) -> SynthesisInput:
     return SynthesisInput(text=body.text, lora_name=body.lora_name, cfg_scale=body.cfg_scale, steps=body.steps,
                           seed=body.seed, ref_audio_path=body.ref_audio_path, ref_text=body.ref_text,
-                          response_format=body.response_format, uploaded_ref=uploaded_ref)
+                          response_format=body.response_format)
 
 
 async def _respond(service: TaskService, record: TaskRecord, async_mode: bool,

@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RECIPE_VERSION = "tiny-r1"
+RECIPE_VERSION = "tiny-r2"
 ARCHITECTURES = ("voxcpm", "voxcpm2")
 MANIFEST_NAME = "tiny_manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -43,12 +43,20 @@ KV_HEADS = 2
 FFN = 128
 
 # The stop decision is argmax(stop_head(silu(stop_proj(h)))). Channel 0 of stop_proj is made a
-# constant (zero weights, bias _STOP_CONST) and stop_head reads it with these weights, which shifts
-# the "stop" logit by a fixed amount against the random remainder: a per-patch stop chance that
-# gives varied lengths, rarely the minimum and rarely the 6*tokens+10 cap.
+# constant (zero weights, bias _STOP_CONST) and stop_head reads it, so the stop-minus-continue logit
+# is _STOP_GAIN * (random part - threshold). The thresholds were measured on these exact weights
+# (per-patch random part: V1 mean 0.048 std 0.008, V2 mean -0.070 std 0.010; threshold ~ mean +
+# 1.8..1.9 std) so a 10-word sentence (14 tokens, cap 94) stops after ~10-70 patches depending on
+# the seed, rarely at the minimum (4) or the cap. Scaling enc_to_lm_proj makes the LM state follow
+# the freshly generated (noise-driven) patch more than the text, so lengths vary with the seed.
 _STOP_CONST = 4.0
-_STOP_SHIFT = {"voxcpm": -1.1, "voxcpm2": -1.1}
-_STOP_RANDOM_SCALE = 1.0
+_STOP_GAIN = 50.0
+_STOP_THRESHOLD = {"voxcpm": 0.0632, "voxcpm2": -0.0498}
+_ENC_TO_LM_GAIN = 6.0
+# A random AudioVAE decoder is dominated by its conv biases (a near-constant, DC-heavy output that
+# hardly depends on the latents). Zeroing the decoder biases makes the output linear-ish in the
+# latents; the gain on the last conv (before the tanh) brings it to a speech-like level (rms ~0.2).
+_VAE_OUT_GAIN = {"voxcpm": 60.0, "voxcpm2": 120.0}
 
 LORA_RECIPES: dict[str, dict] = {
     "r4_qkvo": {
@@ -114,18 +122,20 @@ def build_tiny_checkpoints(root: Path) -> TinyCheckpoints:
     tmp = Path(tempfile.mkdtemp(prefix=f".{RECIPE_VERSION}.build-", dir=root))
     try:
         _build_into(tmp, final)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Somebody else finished first (target exists and is not empty) or left a broken dir.
-            if not _is_complete(final):
-                broken = Path(tempfile.mkdtemp(prefix=f".{RECIPE_VERSION}.broken-", dir=root))
+        for _attempt in range(5):
+            try:
+                os.rename(tmp, final)  # atomic; fails if another process already put a build there
+                break
+            except OSError:
+                if _is_complete(final):
+                    break  # somebody else finished first: use theirs
+                # an interrupted build (no manifest) is in the way: move it aside and retry
+                aside = Path(tempfile.mkdtemp(prefix=f".{RECIPE_VERSION}.stale-", dir=root))
                 try:
-                    os.rename(final, broken / "old")
+                    os.rename(final, aside / "old")
                 except OSError:
                     pass
-                os.rename(tmp, final)
-                shutil.rmtree(broken, ignore_errors=True)
+                shutil.rmtree(aside, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -271,17 +281,25 @@ def _instantiate(arch: str, model_dir: Path, tokenizer):
 
 
 def _shape_weights(arch: str, model) -> None:
-    """Post-init adjustments: small embeddings and a biased stop head (see _STOP_* above)."""
+    """Post-init adjustments: smaller embeddings, a louder patch feedback and a biased stop head."""
     import torch
 
     with torch.no_grad():
         model.base_lm.embed_tokens.weight.mul_(0.5)
+        model.enc_to_lm_proj.weight.mul_(_ENC_TO_LM_GAIN)
+        model.enc_to_lm_proj.bias.mul_(_ENC_TO_LM_GAIN)
         model.stop_proj.weight[0].zero_()
         model.stop_proj.bias[0] = _STOP_CONST
-        model.stop_head.weight.mul_(_STOP_RANDOM_SCALE)
+        model.stop_head.weight.mul_(_STOP_GAIN)
         silu = _STOP_CONST / (1.0 + math.exp(-_STOP_CONST))
         model.stop_head.weight[0, 0] = 0.0
-        model.stop_head.weight[1, 0] = _STOP_SHIFT[arch] / silu
+        model.stop_head.weight[1, 0] = -_STOP_GAIN * _STOP_THRESHOLD[arch] / silu
+        decoder = model.audio_vae.decoder
+        for name, param in decoder.named_parameters():
+            if name.endswith("bias") and "embed" not in name:
+                param.zero_()
+        last_conv = [m for m in decoder.model if hasattr(m, "weight_g")][-1]
+        last_conv.weight_g.mul_(_VAE_OUT_GAIN[arch])
 
 
 def _build_model(arch: str, out_dir: Path, tok_src: Path) -> list[str]:
@@ -370,6 +388,11 @@ def _build_into(tmp: Path, final: Path) -> None:
         "note": "random weights for tests; not a speech model",
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    # mkdtemp made the folder private and safetensors writes 0600 files; make the build readable
+    for dirpath, _dirnames, filenames in os.walk(tmp):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
 
 
 def main(argv: list[str] | None = None) -> int:

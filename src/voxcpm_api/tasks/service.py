@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import soundfile as sf
@@ -68,7 +69,11 @@ class TaskService:
 
     async def submit(self, request: SynthesisInput) -> TaskRecord:
         """Validate everything that can be validated now; nothing is stored unless all of it passes."""
+        self._refuse_if_load_failed()
         params = await asyncio.to_thread(self._validate, request)
+        return await self._enqueue(params)
+
+    async def _enqueue(self, params: SynthesisParams) -> TaskRecord:
         estimate_s = self._estimate_s(params.text)
         record = await asyncio.to_thread(
             self.store.insert, new_task_id(), params,
@@ -139,8 +144,18 @@ class TaskService:
         per_char = float(stats.get("patches_per_char", DEFAULT_PATCHES_PER_CHAR))
         return round(per_patch * per_char * len(text), 2)
 
-    async def save_upload(self, file_name: str, data: bytes) -> Path:
-        """Content-addressed, so re-uploading the same voice reuses the file (and its features)."""
+    def _refuse_if_load_failed(self) -> None:
+        error = self.readiness().error
+        if error:
+            raise NotReady(f"the model failed to load, so no task can run: {error}")
+
+    async def submit_upload(self, request: SynthesisInput, file_name: str, data: bytes) -> TaskRecord:
+        """Cloning from uploaded bytes. The file is kept only if the whole request is accepted.
+
+        Stored content-addressed (sha256), so re-uploading the same voice reuses the file and the
+        engine's cached prompt features.
+        """
+        self._refuse_if_load_failed()
         if len(data) == 0:
             raise BadAudio("the uploaded reference audio is empty", field="file")
         if len(data) > self.settings.max_upload_bytes:
@@ -149,20 +164,22 @@ class TaskService:
         suffix = Path(file_name or "").suffix.lower()
         if suffix not in UPLOAD_SUFFIXES:
             suffix = ".audio"
-        digest = hashlib.sha256(data).hexdigest()
         # absolute, like every stored ref_audio_path: cleanup compares resolved paths to spare active inputs
-        target = (self.settings.output_dir / UPLOADS_DIR_NAME).resolve() / f"{digest}{suffix}"
-
-        def write() -> None:
-            from ..audio.encoders import write_atomic
-
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
-                write_atomic(target, data)
-            check_audio_decodable(target)
-
-        await asyncio.to_thread(write)
-        return target
+        target = (self.settings.output_dir / UPLOADS_DIR_NAME).resolve() / f"{hashlib.sha256(data).hexdigest()}{suffix}"
+        staged = target.with_name(f".incoming-{new_task_id()}{suffix}")
+        await asyncio.to_thread(_stage, staged, data, file_name)
+        created = False
+        try:
+            params = await asyncio.to_thread(self._validate, replace(request, uploaded_ref=staged))
+            created = await asyncio.to_thread(_promote, staged, target)
+            params = replace(params, ref_audio_path=str(target))
+            return await self._enqueue(params)
+        except BaseException:
+            if created:
+                target.unlink(missing_ok=True)
+            raise
+        finally:
+            staged.unlink(missing_ok=True)
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -266,6 +283,27 @@ class TaskService:
     def require_ready(self) -> None:
         if not self.readiness().model_loaded:
             raise NotReady("the model is still loading; retry shortly (GET /health shows model_loaded)")
+
+
+def _stage(staged: Path, data: bytes, client_name: str) -> None:
+    from ..audio.encoders import write_atomic
+
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(staged, data)
+    try:
+        check_audio_decodable(staged)
+    except BadAudio as exc:  # undecodable: no task can use it, so do not keep it
+        staged.unlink(missing_ok=True)
+        raise BadAudio(f"the uploaded file '{Path(client_name or 'file').name}' cannot be decoded as wav, "
+                       "flac, mp3 or ogg audio, or holds no samples", field="file") from exc
+
+
+def _promote(staged: Path, target: Path) -> bool:
+    """Move the staged upload to its content address; False if that content was already stored."""
+    if target.exists():
+        return False
+    os.replace(staged, target)
+    return True
 
 
 def raise_missing() -> None:

@@ -1,0 +1,384 @@
+"""The real engine: drives the official `voxcpm` package (VoxCPM 1.x and 2) behind the Engine seam.
+
+`generate()` reproduces `voxcpm.VoxCPM.generate(text, prompt_wav_path, prompt_text,
+[reference_wav_path], cfg_value, inference_timesteps, retry_badcase=False)` step for step (same
+whitespace normalisation, no text normaliser, min_len 2, max_len 4096, `torch.manual_seed`), but
+  * switches LoRA adapters per request through `lora_runtime` (no reload, any rank/targets),
+  * caches the prompt-audio features by the sha256 of the audio file's bytes,
+  * reports every generated patch through a forward hook on `tts_model.stop_head`, which the
+    official loop calls exactly once per patch; the callback may raise TaskCancelled to abort.
+
+Everything but `info` is called from one worker thread; nothing here is locked.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import errors
+from ..domain import EngineInfo
+from ..lora.catalog import AdapterSpec
+from .base import ChunkRequest, PatchCallback
+
+OFFICIAL_MIN_LEN = 2
+OFFICIAL_MAX_LEN = 4096
+OFFICIAL_RATIO = 6.0  # retry_badcase_ratio_threshold: the per-call patch cap is tokens * 6 + 10
+TINY_MODELS = {"tiny": "voxcpm", "tiny-v1": "voxcpm", "tiny-v2": "voxcpm2"}
+_EWMA_WEIGHT = 0.3
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "voxcpm_api"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # "tiny" / "tiny-v2", a local model directory, or a Hugging Face repo id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    compile: bool = False  # the official optimize=True (torch.compile, CUDA only)
+    cache_dir: Path = field(default_factory=_default_cache_dir)  # tiny checkpoints live here
+    lora_cache_size: int = 8  # loaded adapters kept in memory
+    prompt_cache_size: int = 32  # encoded reference audios kept in memory
+
+
+class ModelUnavailable(errors.NotReady):
+    """The model could not be found locally nor downloaded."""
+
+
+class VoxCPMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._info: EngineInfo | None = None
+        self._vox: Any = None  # voxcpm.VoxCPM
+        self._tts: Any = None  # VoxCPMModel | VoxCPM2Model
+        self._lora: Any = None  # lora_runtime.LoRARuntime
+        self._model_dir: Path | None = None
+        self._prompt_cache: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        self._ppt_ewma: float | None = None  # observed patches per target token
+        self._ppt_prior = 2.0
+        # counters, for tests and metrics
+        self.prompt_cache_hits = 0
+        self.prompt_cache_misses = 0
+        self.last_patch_count = 0
+        self.last_generate_s = 0.0
+
+    # ------------------------------------------------------------------ loading
+
+    @property
+    def info(self) -> EngineInfo | None:
+        return self._info
+
+    def load(self) -> EngineInfo:
+        if self._info is not None:
+            return self._info
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        _silence_official_progress_bars()
+        model_dir, model_id = self._resolve_model_dir()
+        try:
+            import voxcpm
+
+            from .lora_runtime import LoRARuntime
+
+            device = None if self.config.device in ("", "auto") else self.config.device
+            vox = voxcpm.VoxCPM(
+                voxcpm_model_path=str(model_dir),
+                enable_denoiser=False,
+                optimize=self.config.compile,
+                device=device,
+            )
+        except errors.VoxError:
+            raise
+        except Exception as exc:
+            raise errors.EngineFailure(f"could not load the model from {model_dir}: {_short(exc)}") from exc
+        tts = vox.tts_model
+        architecture = _read_architecture(model_dir)
+        decode_chunk = int(getattr(tts, "_decode_chunk_size", tts.chunk_size))
+        sample_rate = int(tts.sample_rate)
+        patch_duration = tts.patch_size * decode_chunk / sample_rate
+        self._vox, self._tts, self._model_dir = vox, tts, model_dir
+        self._lora = LoRARuntime(tts, cache_size=self.config.lora_cache_size)
+        # Prior for the EWMA: real VoxCPM speech runs at roughly 4 text tokens per second.
+        self._ppt_prior = min(max(0.25 / patch_duration, 0.5), OFFICIAL_RATIO - 0.5)
+        self._info = EngineInfo(
+            model_id=model_id,
+            architecture=architecture,
+            sample_rate_hz=sample_rate,
+            patch_duration_s=patch_duration,
+            device=str(tts.device),
+            needs_ref_text=architecture != "voxcpm2",
+        )
+        return self._info
+
+    def _resolve_model_dir(self) -> tuple[Path, str]:
+        name = self.config.model.strip()
+        if name.lower() in TINY_MODELS:
+            from .tiny import build_tiny_checkpoints
+
+            target = Path(self.config.cache_dir) / "tiny"
+            try:
+                ckpts = build_tiny_checkpoints(target)
+            except Exception as exc:
+                raise errors.EngineFailure(f"could not build the tiny checkpoints under {target}: {_short(exc)}") from exc
+            return ckpts.models[TINY_MODELS[name.lower()]], name.lower()
+        local = Path(name).expanduser()
+        looks_like_path = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+        if looks_like_path and not local.is_dir():
+            raise ModelUnavailable(
+                f"Model directory '{name}' does not exist. Put the weights there (config.json, model.safetensors, "
+                "audiovae.pth, tokenizer.json, tokenizer_config.json, special_tokens_map.json), pass a Hugging "
+                "Face repo id such as openbmb/VoxCPM1.5, or use --model tiny for the random test model."
+            )
+        if local.is_dir():
+            if not (local / "config.json").is_file():
+                raise ModelUnavailable(
+                    f"'{name}' is a directory but has no config.json; a VoxCPM model directory holds config.json, "
+                    "model.safetensors (or pytorch_model.bin), audiovae.pth and the tokenizer files."
+                )
+            return local.resolve(), name
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id=name)), name
+        except Exception as exc:
+            slug = name.replace("/", "__")
+            raise ModelUnavailable(
+                f"Could not download '{name}' from the Hugging Face Hub ({_short(exc)}). "
+                f"Put the weights in a local directory (e.g. ./models/{slug or 'openbmb__VoxCPM1.5'} holding "
+                "config.json, model.safetensors, audiovae.pth, tokenizer.json, tokenizer_config.json and "
+                "special_tokens_map.json) and pass --model <that directory>."
+            ) from exc
+
+    def _require_loaded(self) -> Any:
+        if self._tts is None:
+            raise errors.NotReady("the model is not loaded yet")
+        return self._tts
+
+    # ------------------------------------------------------------------ queries
+
+    def linear_shapes(self) -> Mapping[str, tuple[int, int]]:
+        self._require_loaded()
+        return self._lora.linear_shapes()
+
+    def expected_patches(self, text: str) -> int:
+        tts = self._require_loaded()
+        tokens = len(tts.text_tokenizer(_normalize_text(text))) if text and text.strip() else 0
+        cap = official_patch_cap(tokens)
+        per_token = self._ppt_ewma if self._ppt_ewma is not None else self._ppt_prior
+        estimate = int(round(per_token * tokens))
+        return max(1, min(cap, max(OFFICIAL_MIN_LEN + 2, estimate)))
+
+    def check_reference_audio(self, path: str) -> None:
+        name = Path(path).name
+        try:
+            import soundfile as sf
+
+            try:
+                info = sf.info(path)
+                frames = int(info.frames)
+                if frames <= 0:
+                    raise errors.BadAudio(f"reference audio '{name}' cannot be decoded: it is empty", field="ref_audio")
+                with sf.SoundFile(path) as fh:  # make sure samples decode, not just the header
+                    fh.read(frames=min(frames, 4096), dtype="float32")
+                return
+            except errors.BadAudio:
+                raise
+            except Exception:
+                import warnings
+
+                import librosa
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    samples, _ = librosa.load(path, sr=None, mono=True, duration=5.0)
+                if samples.size == 0:
+                    raise errors.BadAudio(
+                        f"reference audio '{name}' cannot be decoded: it is empty", field="ref_audio"
+                    ) from None
+        except errors.BadAudio:
+            raise
+        except Exception as exc:
+            raise errors.BadAudio(f"reference audio '{name}' cannot be decoded: {_short(exc)}", field="ref_audio") from exc
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, request: ChunkRequest, on_patch: PatchCallback) -> np.ndarray:
+        tts = self._require_loaded()
+        import torch
+
+        if not isinstance(request.text, str) or not request.text.strip():
+            raise errors.InvalidInput("text must be a non-empty string", field="text")
+        text = _normalize_text(request.text)
+        started = time.perf_counter()
+        try:
+            self._lora.activate(request.adapter)  # AdapterMismatch leaves the model untouched
+            prompt_cache = self._prompt_cache_for(request)
+        except errors.VoxError:
+            raise
+        except Exception as exc:
+            raise errors.EngineFailure(f"could not prepare the generation: {_short(exc)}") from exc
+
+        patches = 0
+
+        def hook(_module: Any, _inputs: Any, _output: Any) -> None:
+            # the official loop calls stop_head exactly once per generated patch
+            nonlocal patches
+            patches += 1
+            on_patch()
+
+        handle = tts.stop_head.register_forward_hook(hook)
+        try:
+            torch.manual_seed(request.seed)  # what the official VoxCPM.generate caller does
+            wav, _tokens, _feats = tts.generate_with_prompt_cache(
+                target_text=text,
+                prompt_cache=prompt_cache,
+                min_len=OFFICIAL_MIN_LEN,
+                max_len=OFFICIAL_MAX_LEN,
+                inference_timesteps=request.steps,
+                cfg_value=request.cfg_scale,
+                retry_badcase=False,
+            )
+            audio = wav.squeeze(0).cpu().numpy()
+        except errors.VoxError:  # TaskCancelled from on_patch, ...
+            raise
+        except Exception as exc:
+            raise errors.EngineFailure(f"generation failed: {_short(exc)}") from exc
+        finally:
+            handle.remove()
+        self.last_patch_count = patches
+        self.last_generate_s = time.perf_counter() - started
+        tokens = len(tts.text_tokenizer(text))
+        if tokens > 0 and patches > 0:
+            observed = patches / tokens
+            self._ppt_ewma = observed if self._ppt_ewma is None else (
+                (1 - _EWMA_WEIGHT) * self._ppt_ewma + _EWMA_WEIGHT * observed
+            )
+        return np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+
+    def _prompt_cache_for(self, request: ChunkRequest) -> dict | None:
+        """The official prompt cache for this request, with audio features reused by content hash."""
+        path = request.ref_audio_path
+        ref_text = request.ref_text if request.ref_text is not None and request.ref_text.strip() else None
+        is_v2 = self._info is not None and self._info.architecture == "voxcpm2"
+        if path is None:
+            if ref_text is not None:
+                raise errors.InvalidInput("ref_text was given without reference audio", field="ref_text")
+            return None
+        if not is_v2 and ref_text is None:
+            raise errors.InvalidInput(
+                "this model (VoxCPM 1.x) needs ref_text, the transcript of the reference audio, to clone a voice",
+                field="ref_text",
+            )
+        mode = "v1-prompt" if not is_v2 else ("v2-ref+prompt" if ref_text is not None else "v2-ref")
+        try:
+            with open(path, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        except OSError as exc:
+            raise errors.BadAudio(
+                f"reference audio '{Path(path).name}' cannot be decoded: {_short(exc)}", field="ref_audio"
+            ) from exc
+        key = (digest, mode)
+        features = self._prompt_cache.get(key)
+        if features is None:
+            self.prompt_cache_misses += 1
+            features = self._encode_prompt(path, ref_text, mode)
+            self._prompt_cache[key] = features
+            while len(self._prompt_cache) > max(1, self.config.prompt_cache_size):
+                self._prompt_cache.popitem(last=False)
+        else:
+            self.prompt_cache_hits += 1
+            self._prompt_cache.move_to_end(key)
+        cache = dict(features)
+        if ref_text is not None:
+            cache["prompt_text"] = ref_text
+        return cache
+
+    def _encode_prompt(self, path: str, ref_text: str | None, mode: str) -> dict:
+        tts = self._tts
+        try:
+            if mode == "v1-prompt":
+                built = tts.build_prompt_cache(prompt_text=ref_text, prompt_wav_path=path)
+            elif mode == "v2-ref+prompt":
+                built = tts.build_prompt_cache(prompt_text=ref_text, prompt_wav_path=path, reference_wav_path=path)
+            else:
+                built = tts.build_prompt_cache(reference_wav_path=path)
+        except Exception as exc:
+            self.check_reference_audio(path)  # raises BadAudio when the file is the problem
+            raise errors.EngineFailure(f"could not encode the reference audio: {_short(exc)}") from exc
+        # keep only the audio features (+ mode); the prompt text is per request
+        return {k: v for k, v in built.items() if k != "prompt_text"}
+
+    # ------------------------------------------------------------------ introspection (tests/metrics)
+
+    @property
+    def lora_runtime(self) -> Any:
+        return self._lora
+
+    @property
+    def tts_model(self) -> Any:
+        return self._tts
+
+    @property
+    def model_dir(self) -> Path | None:
+        return self._model_dir
+
+
+# ---------------------------------------------------------------------------------------------- #
+# helpers
+# ---------------------------------------------------------------------------------------------- #
+
+
+def official_patch_cap(tokens: int) -> int:
+    """The official per-call cap on generated patches: min(int(tokens * 6 + 10), max_len)."""
+    return min(int(tokens * OFFICIAL_RATIO + 10), OFFICIAL_MAX_LEN)
+
+
+def _normalize_text(text: str) -> str:
+    # exactly what voxcpm.core.VoxCPM._generate does before generating
+    text = text.replace("\n", " ")
+    return re.sub(r"\s+", " ", text)
+
+
+def _read_architecture(model_dir: Path) -> str:
+    try:
+        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        return str(data.get("architecture", "voxcpm")).lower()
+    except (OSError, ValueError):
+        return "voxcpm"
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _silence_official_progress_bars() -> None:
+    """tqdm reads TQDM_* env vars only when it is first imported (torch imports it early), so the
+    env default set in load() alone would not reach the official per-patch bars; when the env asks
+    for silence, also hand the official model modules a tqdm with disable=True."""
+    value = os.environ.get("TQDM_DISABLE", "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return
+    try:
+        import tqdm as _tqdm
+        import voxcpm.model.voxcpm as v1
+        import voxcpm.model.voxcpm2 as v2
+    except Exception:
+        return
+    quiet = functools.partial(_tqdm.tqdm, disable=True)
+    for module in (v1, v2):
+        if getattr(module, "tqdm", None) is not None and not isinstance(module.tqdm, functools.partial):
+            module.tqdm = quiet
