@@ -29,7 +29,6 @@ import numpy as np
 
 from .. import errors
 from ..domain import EngineInfo
-from ..lora.catalog import AdapterSpec
 from .base import ChunkRequest, PatchCallback
 
 OFFICIAL_MIN_LEN = 2
