@@ -38,6 +38,7 @@ class SynthesisParams:
     ref_audio_path: str | None  # absolute path, already checked to lie inside an allowed root
     ref_text: str | None
     response_format: OutputFormat
+    normalize: bool = False  # the official wetext normaliser (numbers, dates...) before generating
 
     def to_json_dict(self) -> dict[str, object]:
         return {
@@ -49,6 +50,7 @@ class SynthesisParams:
             "ref_audio_path": self.ref_audio_path,
             "ref_text": self.ref_text,
             "response_format": self.response_format.value,
+            "normalize": self.normalize,
         }
 
     @classmethod
@@ -62,6 +64,7 @@ class SynthesisParams:
             ref_audio_path=data.get("ref_audio_path"),  # type: ignore[arg-type]
             ref_text=data.get("ref_text"),  # type: ignore[arg-type]
             response_format=OutputFormat(str(data.get("response_format", "mp3"))),
+            normalize=bool(data.get("normalize", False)),
         )
 
 

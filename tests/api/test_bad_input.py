@@ -3,6 +3,8 @@ no task (GET /tasks total unchanged) and no file under the output directory."""
 
 from __future__ import annotations
 
+from tests.helpers import wait_until
+
 import json
 import os
 from collections.abc import Callable
@@ -55,6 +57,10 @@ def names_field(response: httpx.Response, field: str) -> bool:
 
 def assert_rejected(srv: Running, send: Callable[[], httpx.Response], status: int | tuple[int, ...],
                     field: str | None, check_files: bool = True) -> httpx.Response:
+    # Earlier valid tasks on this module's server may still be writing their files: let them land
+    # first, so any file that appears below can only come from the rejected request.
+    wait_until(lambda: all(srv.client.get("/tasks", params={"status": s}).json()["total"] == 0
+                           for s in ("pending", "processing")), 30, 0.02, "earlier tasks to finish")
     before_total = srv.total()
     before_files = srv.output_files()
     before_calls = len(srv.engine.calls)

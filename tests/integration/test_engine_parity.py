@@ -105,14 +105,14 @@ def adapter(tiny_checkpoints, arch: str, name: str | None) -> AdapterSpec | None
 
 
 def request(spec: AdapterSpec | None, *, seed: int = SEED, text: str = TEXT, ref: Path | None = None,
-            ref_text: str | None = None, cfg: float = 2.0, steps: int = 10) -> ChunkRequest:
+            ref_text: str | None = None, cfg: float = 2.0, steps: int = 10, normalize: bool = False) -> ChunkRequest:
     return ChunkRequest(text=text, adapter=spec, cfg_scale=cfg, steps=steps, seed=seed,
-                        ref_audio_path=str(ref) if ref is not None else None, ref_text=ref_text)
+                        ref_audio_path=str(ref) if ref is not None else None, ref_text=ref_text, normalize=normalize)
 
 
 def official_generate(vox, arch: str, req: ChunkRequest) -> np.ndarray:
     kwargs: dict = {"text": req.text, "cfg_value": req.cfg_scale, "inference_timesteps": req.steps,
-                    "retry_badcase": False}
+                    "retry_badcase": False, "normalize": req.normalize}
     if req.ref_audio_path is not None:
         if arch == "voxcpm":
             kwargs.update(prompt_wav_path=req.ref_audio_path, prompt_text=req.ref_text)
@@ -388,3 +388,14 @@ def test_hub_id_that_cannot_be_downloaded(tmp_path, monkeypatch) -> None:
     assert info.value.status_code == 503
     with pytest.raises(ModelUnavailable, match="does not exist"):
         VoxCPMEngine(EngineConfig(model=str(tmp_path / "missing-dir"), cache_dir=tmp_path)).load()
+
+
+@pytest.mark.parametrize("arch", ["voxcpm", "voxcpm2"])
+def test_text_normalisation_matches_official(engines, official, arch) -> None:
+    text = "I have 3 apples costing $4.50 on 2025-01-02."
+    req = request(None, text=text, normalize=True)
+    wav, _ = ours(engines[arch], req)
+    reference = official_generate(official(arch, None), arch, req)
+    assert wav.shape == reference.shape and max_abs(wav, reference) <= 2e-3
+    plain, _ = ours(engines[arch], request(None, text=text))
+    assert plain.shape != wav.shape or max_abs(plain, wav) > 0, "normalisation must change what is spoken"

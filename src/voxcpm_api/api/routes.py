@@ -66,11 +66,13 @@ async def synthesize_upload(
     lora_name: Annotated[str | None, Form()] = None, cfg_scale: Annotated[float, Form()] = 2.0,
     steps: Annotated[int, Form()] = 10, seed: Annotated[int, Form()] = -1,
     async_mode: Annotated[bool, Form()] = True, response_format: Annotated[OutputFormat, Form()] = OutputFormat.MP3,
+    normalize: Annotated[bool, Form()] = False,
 ) -> SubmitResponse | SyncResponse:
     """Voice cloning from an uploaded reference instead of a server-side file."""
     try:
         body = SynthesizeRequest(text=text, ref_text=ref_text, lora_name=lora_name, cfg_scale=cfg_scale, steps=steps,
-                                 seed=seed, async_mode=async_mode, response_format=response_format)
+                                 seed=seed, async_mode=async_mode, response_format=response_format,
+                                 normalize=normalize)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
     data = await _read_capped(file, service.settings.max_upload_bytes)
@@ -117,7 +119,7 @@ async def cleanup(service: ServiceDep, max_age_s: Annotated[float, Query(ge=0)] 
 def _to_input(body: SynthesizeRequest) -> SynthesisInput:
     return SynthesisInput(text=body.text, lora_name=body.lora_name, cfg_scale=body.cfg_scale, steps=body.steps,
                           seed=body.seed, ref_audio_path=body.ref_audio_path, ref_text=body.ref_text,
-                          response_format=body.response_format)
+                          response_format=body.response_format, normalize=body.normalize)
 
 
 async def _respond(service: TaskService, record: TaskRecord, async_mode: bool,

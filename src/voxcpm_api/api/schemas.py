@@ -35,6 +35,8 @@ class SynthesizeRequest(BaseModel):
     ref_text: StrictStr | None = Field(None, description="Transcript of the reference audio.")
     async_mode: StrictBool = Field(True, description="true: return a task_id at once; false: wait for the file.")
     response_format: OutputFormat = Field(OutputFormat.MP3, description="mp3 | wav | flac | opus | pcm (s16le).")
+    normalize: StrictBool = Field(False, description="Spell out numbers, dates, units first (the official "
+                                  "wetext normaliser); off by default, as in the official package.")
 
     @field_validator("text")
     @classmethod

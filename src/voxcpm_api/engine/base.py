@@ -32,6 +32,7 @@ class ChunkRequest:
     seed: int  # torch.manual_seed(seed) right before generating, as the official package does
     ref_audio_path: str | None = None
     ref_text: str | None = None
+    normalize: bool = False  # run the official text normaliser first (VoxCPM.generate(normalize=True))
 
 
 class Engine(Protocol):

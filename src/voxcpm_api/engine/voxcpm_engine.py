@@ -68,6 +68,7 @@ class VoxCPMEngine:
         self._prompt_cache: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._ppt_ewma: float | None = None  # observed patches per target token
         self._ppt_prior = 2.0
+        self._normalizer: Any = None  # voxcpm.utils.text_normalize.TextNormalizer, lazily
         # counters, for tests and metrics
         self.prompt_cache_hits = 0
         self.prompt_cache_misses = 0
@@ -188,7 +189,7 @@ class VoxCPMEngine:
                 info = sf.info(path)
                 frames = int(info.frames)
                 if frames <= 0:
-                    raise errors.BadAudio(f"reference audio '{name}' cannot be decoded: it is empty", field="ref_audio")
+                    raise errors.BadAudio(f"reference audio '{name}' cannot be decoded: it is empty", field="ref_audio_path")
                 with sf.SoundFile(path) as fh:  # make sure samples decode, not just the header
                     fh.read(frames=min(frames, 4096), dtype="float32")
                 return
@@ -204,12 +205,12 @@ class VoxCPMEngine:
                     samples, _ = librosa.load(path, sr=None, mono=True, duration=5.0)
                 if samples.size == 0:
                     raise errors.BadAudio(
-                        f"reference audio '{name}' cannot be decoded: it is empty", field="ref_audio"
+                        f"reference audio '{name}' cannot be decoded: it is empty", field="ref_audio_path"
                     ) from None
         except errors.BadAudio:
             raise
         except Exception as exc:
-            raise errors.BadAudio(f"reference audio '{name}' cannot be decoded: {_short(exc)}", field="ref_audio") from exc
+            raise errors.BadAudio(f"reference audio '{name}' cannot be decoded: {_short(exc)}", field="ref_audio_path") from exc
 
     # ------------------------------------------------------------------ generation
 
@@ -220,6 +221,8 @@ class VoxCPMEngine:
         if not isinstance(request.text, str) or not request.text.strip():
             raise errors.InvalidInput("text must be a non-empty string", field="text")
         text = _normalize_text(request.text)
+        if request.normalize:
+            text = self._text_normalizer().normalize(text)
         started = time.perf_counter()
         try:
             self._lora.activate(request.adapter)  # AdapterMismatch leaves the model untouched
@@ -266,6 +269,17 @@ class VoxCPMEngine:
             )
         return np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
 
+    def _text_normalizer(self) -> Any:
+        """The official TextNormalizer (wetext + inflect), built on first use like VoxCPM.generate does."""
+        if self._normalizer is None:
+            try:
+                from voxcpm.utils.text_normalize import TextNormalizer
+            except ImportError as exc:
+                raise errors.InvalidInput(f"text normalisation is not installed on this server ({exc.name})",
+                                          field="normalize") from exc
+            self._normalizer = TextNormalizer()
+        return self._normalizer
+
     def _prompt_cache_for(self, request: ChunkRequest) -> dict | None:
         """The official prompt cache for this request, with audio features reused by content hash."""
         path = request.ref_audio_path
@@ -286,7 +300,7 @@ class VoxCPMEngine:
                 digest = hashlib.file_digest(fh, "sha256").hexdigest()
         except OSError as exc:
             raise errors.BadAudio(
-                f"reference audio '{Path(path).name}' cannot be decoded: {_short(exc)}", field="ref_audio"
+                f"reference audio '{Path(path).name}' cannot be decoded: {_short(exc)}", field="ref_audio_path"
             ) from exc
         key = (digest, mode)
         features = self._prompt_cache.get(key)

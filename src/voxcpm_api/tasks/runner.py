@@ -274,7 +274,7 @@ class EngineRunner:
                 text=chunk, adapter=adapter, cfg_scale=params.cfg_scale, steps=params.steps,
                 # chunk i is seeded with seed + i: a chunk's audio does not depend on scheduling
                 seed=(params.seed + index) % SEED_MODULUS,
-                ref_audio_path=params.ref_audio_path, ref_text=params.ref_text,
+                ref_audio_path=params.ref_audio_path, ref_text=params.ref_text, normalize=params.normalize,
             )
             pieces.append(engine.generate(request, progress.on_patch))
         samples = crossfade_concat(pieces, engine.info.sample_rate_hz)

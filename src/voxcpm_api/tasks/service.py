@@ -46,6 +46,7 @@ class SynthesisInput:
     ref_audio_path: str | None
     ref_text: str | None
     response_format: OutputFormat
+    normalize: bool = False
     uploaded_ref: Path | None = None  # set by the upload endpoint instead of ref_audio_path
 
 
@@ -115,7 +116,7 @@ class TaskService:
         return SynthesisParams(
             text=text, lora_name=lora_name, cfg_scale=request.cfg_scale, steps=request.steps, seed=seed,
             ref_audio_path=str(ref_path) if ref_path else None, ref_text=request.ref_text,
-            response_format=request.response_format,
+            response_format=request.response_format, normalize=request.normalize,
         )
 
     def _resolve_reference(self, request: SynthesisInput) -> Path | None:
