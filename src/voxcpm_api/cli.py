@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api-key", help="require this key (Authorization: Bearer / X-API-Key)")
     add("--cors-origins", help="comma-separated origins allowed by CORS (default *; empty string = no CORS)")
     add("--cleanup-interval-s", type=float, help="delete old outputs every N seconds (0 = never)")
+    add("--cleanup-max-age-s", type=float, help="age after which the periodic cleanup deletes outputs (3600)")
     add("--cache-dir", type=Path, help="where tiny checkpoints are built (default <output-dir>/.cache)")
     return p
 
@@ -140,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     if settings.workers > 1 or settings.dev:
         # Worker/reload processes import the app by name and rebuild Settings from the env twins.
         os.environ.update(settings.to_env())
+        reload_dirs = [str(Path(__file__).resolve().parent)] if settings.dev else None  # our code, not cwd
         uvicorn.run("voxcpm_api.api.app:app_from_env", factory=True, workers=settings.workers,
-                    reload=settings.dev, **common)
+                    reload=settings.dev, reload_dirs=reload_dirs, **common)
     else:
         from .api.app import create_app
 

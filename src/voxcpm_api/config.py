@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     lora_cache_size: int = Field(8, ge=1)
     chunk_max_chars: int = Field(200, ge=20)
+    openai_max_input_chars: int = Field(4096, ge=1)  # POST /v1/audio/speech `input` limit, as OpenAI's
+    voice_max_duration_s: float = Field(60.0, gt=0)  # saved voices: longest reference audio accepted
 
     # --- security and housekeeping ---
     api_key: str | None = None

@@ -39,6 +39,7 @@ class SynthesisParams:
     ref_text: str | None
     response_format: OutputFormat
     normalize: bool = False  # the official wetext normaliser (numbers, dates...) before generating
+    voice: str | None = None  # saved voice the reference audio came from (for reporting and metrics)
 
     def to_json_dict(self) -> dict[str, object]:
         return {
@@ -51,6 +52,7 @@ class SynthesisParams:
             "ref_text": self.ref_text,
             "response_format": self.response_format.value,
             "normalize": self.normalize,
+            "voice": self.voice,
         }
 
     @classmethod
@@ -65,6 +67,7 @@ class SynthesisParams:
             ref_text=data.get("ref_text"),  # type: ignore[arg-type]
             response_format=OutputFormat(str(data.get("response_format", "mp3"))),
             normalize=bool(data.get("normalize", False)),
+            voice=data.get("voice"),  # type: ignore[arg-type]
         )
 
 

@@ -463,3 +463,18 @@ def test_docs_and_openapi_list_every_endpoint(srv) -> None:
     schemas = spec.json()["components"]["schemas"]
     assert {"text", "lora_name", "cfg_scale", "steps", "seed", "ref_audio_path", "ref_text", "async_mode",
             "response_format"} <= set(schemas["SynthesizeRequest"]["properties"])
+
+
+def test_periodic_cleanup_removes_old_files_by_itself(make_server) -> None:
+    """--cleanup-interval-s: the engine owner sweeps on its own, with --cleanup-max-age-s."""
+    running = make_server(cleanup_interval_s=0.2, cleanup_max_age_s=3600)
+    client = running.client
+    old = client.post("/synthesize", json={"text": "old one", "async_mode": False}).json()
+    fresh = client.post("/synthesize", json={"text": "fresh one", "async_mode": False}).json()
+    old_path, fresh_path = Path(old["audio_path"]), Path(fresh["audio_path"])
+    _age(old_path, 7200)
+    wait_until(lambda: not old_path.exists(), 10, 0.05, "the periodic sweep")
+    assert fresh_path.exists()
+    record = client.get(f"/task/{old['task_id']}").json()
+    assert record["status"] == "completed" and record["audio_path"] is None
+    assert "cleanup" in record["message"]

@@ -15,6 +15,7 @@ from .. import __version__
 from ..config import Settings
 from ..engine.base import Engine
 from ..lora.catalog import LoRACatalog
+from ..tasks.events import Events, NullEvents
 from ..tasks.ownership import EngineLock
 from ..tasks.runner import EngineRunner, RunnerConfig
 from ..tasks.service import TaskService
@@ -49,8 +50,10 @@ def default_engine_factory(settings: Settings) -> Callable[[], Engine]:
     return build
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskStore | None = None) -> FastAPI:
+def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskStore | None = None,
+               events: Events | None = None) -> FastAPI:
     engine_factory = (lambda: engine) if engine is not None else default_engine_factory(settings)
+    sink: Events = events if events is not None else NullEvents()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,7 +64,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskS
         app.state.service = service
         lock = EngineLock(settings.output_dir / ".engine.lock")
         _warn_if_open(settings)
-        election = asyncio.create_task(_become_owner(service, lock, engine_factory, settings))
+        election = asyncio.create_task(_become_owner(service, lock, engine_factory, settings, sink))
         try:
             yield
         finally:
@@ -86,7 +89,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskS
 
 
 async def _become_owner(service: TaskService, lock: EngineLock, engine_factory: Callable[[], Engine],
-                        settings: Settings) -> None:
+                        settings: Settings, events: Events) -> None:
     """Take the engine lock as soon as it is free (at once, or when the owner process dies)."""
     while not lock.try_acquire():
         await asyncio.sleep(OWNER_RETRY_INTERVAL_S)
@@ -95,7 +98,7 @@ async def _become_owner(service: TaskService, lock: EngineLock, engine_factory: 
         RunnerConfig(output_dir=settings.output_dir, max_concurrent=settings.max_concurrent,
                      max_attempts=settings.max_attempts, chunk_max_chars=settings.chunk_max_chars,
                      cleanup_interval_s=settings.cleanup_interval_s),
-        cleanup=service.cleanup_blocking,
+        cleanup=service.cleanup_blocking, events=events,
     )
     service.runner = runner
     await runner.start()

@@ -119,7 +119,7 @@ async def cleanup(service: ServiceDep, max_age_s: Annotated[float, Query(ge=0)] 
 def _to_input(body: SynthesizeRequest) -> SynthesisInput:
     return SynthesisInput(text=body.text, lora_name=body.lora_name, cfg_scale=body.cfg_scale, steps=body.steps,
                           seed=body.seed, ref_audio_path=body.ref_audio_path, ref_text=body.ref_text,
-                          response_format=body.response_format, normalize=body.normalize)
+                          response_format=body.response_format, normalize=body.normalize, voice=body.voice)
 
 
 async def _respond(service: TaskService, record: TaskRecord, async_mode: bool,

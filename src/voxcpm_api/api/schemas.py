@@ -35,6 +35,7 @@ class SynthesizeRequest(BaseModel):
     ref_text: StrictStr | None = Field(None, description="Transcript of the reference audio.")
     async_mode: StrictBool = Field(True, description="true: return a task_id at once; false: wait for the file.")
     response_format: OutputFormat = Field(OutputFormat.MP3, description="mp3 | wav | flac | opus | pcm (s16le).")
+    voice: StrictStr | None = Field(None, description="A saved voice from GET /voices (clone without re-uploading).")
     normalize: StrictBool = Field(False, description="Spell out numbers, dates, units first (the official "
                                   "wetext normaliser); off by default, as in the official package.")
 

@@ -114,6 +114,8 @@ class LoRARuntime:
         self._shapes: dict[str, tuple[int, int]] | None = None
         self.last_switch_s = 0.0  # time of the last activate() that changed the active adapter
         self.last_load_s = 0.0  # time spent reading + validating the last adapter that missed the cache
+        self.loads: dict[str, int] = {}  # adapter name -> times read from disk (cache misses)
+        self.evictions: dict[str, int] = {}  # adapter name -> times dropped from the LRU
 
     # ------------------------------------------------------------------ queries
 
@@ -151,9 +153,11 @@ class LoRARuntime:
         loaded = self._cache.get(key)
         if loaded is None:
             loaded = self._load(spec, key)  # raises before anything is touched
+            self.loads[spec.name] = self.loads.get(spec.name, 0) + 1
             self._cache[key] = loaded
             while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+                _, evicted = self._cache.popitem(last=False)
+                self.evictions[evicted.name] = self.evictions.get(evicted.name, 0) + 1
         else:
             self._cache.move_to_end(key, last=True)
         started = time.perf_counter()

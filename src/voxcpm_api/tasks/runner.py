@@ -34,6 +34,7 @@ from ..errors import TaskCancelled, VoxError
 from ..lora.catalog import LoRACatalog, check_adapter_fits, is_base_model_name
 from ..paths import audio_file_name
 from ..textsplit import split_text, voice_design_prefix
+from .events import Events, NullEvents
 from .progress import PatchProgress, ShutdownRequested
 from .store import TaskRecord, TaskStore
 
@@ -63,12 +64,14 @@ class Synthesized:
 
 class EngineRunner:
     def __init__(self, engine_factory: Callable[[], Engine], store: TaskStore, catalog: LoRACatalog,
-                 config: RunnerConfig, cleanup: Callable[[], object] | None = None) -> None:
+                 config: RunnerConfig, cleanup: Callable[[], object] | None = None,
+                 events: Events | None = None) -> None:
         self._engine_factory = engine_factory
         self._store = store
         self._catalog = catalog
         self._config = config
         self._cleanup = cleanup
+        self._events: Events = events if events is not None else NullEvents()
         self._engine: Engine | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._gate = asyncio.Semaphore(1)  # one generation at a time on this engine
@@ -225,6 +228,8 @@ class EngineRunner:
             cancel.set()
         started = time.monotonic()
         self._running.add(record.task_id)
+        lora, voice = record.params.lora_name, record.params.voice
+        self._events.generation_started("task", lora, voice)
         try:
             result = await self._in_engine_thread(lambda: self._synthesize_blocking(record, cancel))
         except ShutdownRequested:
@@ -232,15 +237,18 @@ class EngineRunner:
             return None
         except TaskCancelled:
             await asyncio.to_thread(self._store.mark_cancelled, record.task_id)
+            self._events.generation_finished("task", "cancelled", 0.0, time.monotonic() - started, lora, voice)
             return None
         except VoxError as exc:
             log.info("task %s failed: %s", record.task_id, exc.message)
             await asyncio.to_thread(self._store.fail, record.task_id, error=exc.message, error_status=exc.status_code)
+            self._events.generation_finished("task", "failed", 0.0, time.monotonic() - started, lora, voice)
             return None
         except Exception as exc:  # the engine must never leave a task stuck in processing
             log.exception("task %s crashed the engine call", record.task_id)
             await asyncio.to_thread(self._store.fail, record.task_id, error=f"internal error: {type(exc).__name__}: {exc}",
                                     error_status=500)
+            self._events.generation_finished("task", "failed", 0.0, time.monotonic() - started, lora, voice)
             return None
         finally:
             self._cancel_events.pop(record.task_id, None)
@@ -267,6 +275,14 @@ class EngineRunner:
             write=lambda p, m, eta: self._store.update_progress(record.task_id, p, m, eta),
             cancel=cancel, shutdown=self._shutdown,
         )
+        first_patch = threading.Event()
+
+        def on_patch() -> None:
+            if not first_patch.is_set():
+                first_patch.set()
+                self._events.first_audio("task", time.time() - record.created_at, params.lora_name, params.voice)
+            progress.on_patch()
+
         pieces = []
         for index, chunk in enumerate(chunks):
             progress.start_chunk(index)
@@ -276,7 +292,7 @@ class EngineRunner:
                 seed=(params.seed + index) % SEED_MODULUS,
                 ref_audio_path=params.ref_audio_path, ref_text=params.ref_text, normalize=params.normalize,
             )
-            pieces.append(engine.generate(request, progress.on_patch))
+            pieces.append(engine.generate(request, on_patch))
         samples = crossfade_concat(pieces, engine.info.sample_rate_hz)
         return Synthesized(samples=samples, sample_rate_hz=engine.info.sample_rate_hz, num_patches=progress.done_total)
 
@@ -303,6 +319,9 @@ class EngineRunner:
                                     error_status=500)
             return
         duration_s = len(synthesized.samples) / synthesized.sample_rate_hz
+        wall_s = time.time() - (record.started_at or record.created_at)
+        self._events.generation_finished("task", "completed", duration_s, wall_s, record.params.lora_name,
+                                         record.params.voice)
         await asyncio.to_thread(
             self._store.complete, record.task_id, audio_file=file_name,
             sample_rate_hz=file_sample_rate_hz(fmt, synthesized.sample_rate_hz),

@@ -47,6 +47,7 @@ class SynthesisInput:
     ref_text: str | None
     response_format: OutputFormat
     normalize: bool = False
+    voice: str | None = None  # a saved voice (POST /voices): its reference audio, transcript and defaults
     uploaded_ref: Path | None = None  # set by the upload endpoint instead of ref_audio_path
 
 
