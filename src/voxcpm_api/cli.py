@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-concurrent", type=int, help="tasks processed at once (default 2)")
     add("--max-queue", type=int, help="pending tasks before 429 (default 1000)")
     add("--max-text-chars", type=int, help="longest accepted text (default 5000)")
+    add("--max-upload-bytes", type=int, help="largest uploaded reference audio or saved voice (default 20 MiB)")
+    add("--voice-max-duration-s", type=float, help="longest saved voice recording, in seconds (default 60)")
     add("--api-key", help="require this key (Authorization: Bearer / X-API-Key)")
     add("--cors-origins", help="comma-separated origins allowed by CORS (default *; empty string = no CORS)")
     add("--cleanup-interval-s", type=float, help="delete old outputs every N seconds (0 = never)")

@@ -15,14 +15,19 @@ from .. import __version__
 from ..config import Settings
 from ..engine.base import Engine
 from ..lora.catalog import LoRACatalog
-from ..tasks.events import Events, NullEvents
+from ..tasks.events import Events
 from ..tasks.ownership import EngineLock
 from ..tasks.runner import EngineRunner, RunnerConfig
 from ..tasks.service import TaskService
 from ..tasks.store import TaskStore
 from .auth import ApiKeyMiddleware
 from .errors import install_error_handlers
+from .metrics import PrometheusEvents, RequestMetricsMiddleware, router as metrics_router
+from .playground import router as playground
+from .openai_routes import router as openai_router
 from .routes import protected, public
+from .stream_routes import router as stream_router
+from .voices_routes import router as voices_router
 
 log = logging.getLogger("voxcpm_api")
 OWNER_RETRY_INTERVAL_S = 2.0
@@ -45,7 +50,8 @@ def default_engine_factory(settings: Settings) -> Callable[[], Engine]:
 
         return VoxCPMEngine(EngineConfig(model=settings.model, device=settings.device, compile=settings.compile,
                                          cache_dir=settings.effective_cache_dir,
-                                         lora_cache_size=settings.lora_cache_size))
+                                         lora_cache_size=settings.lora_cache_size,
+                                         feature_cache_dir=settings.effective_cache_dir / "prompt_features"))
 
     return build
 
@@ -53,7 +59,7 @@ def default_engine_factory(settings: Settings) -> Callable[[], Engine]:
 def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskStore | None = None,
                events: Events | None = None) -> FastAPI:
     engine_factory = (lambda: engine) if engine is not None else default_engine_factory(settings)
-    sink: Events = events if events is not None else NullEvents()
+    sink: Events = events if events is not None else PrometheusEvents()  # per app: its own registry
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,8 +89,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskS
     if settings.cors_origins:  # added last = outermost, so even a 401 carries CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["Retry-After", "Content-Disposition"])
+    app.state.events = sink  # GET /metrics renders it when it is a PrometheusEvents
+    app.add_middleware(RequestMetricsMiddleware, events=sink)  # outermost: counts 401s and preflights too
     app.include_router(public)
     app.include_router(protected)
+    app.include_router(stream_router)
+    app.include_router(openai_router)
+    app.include_router(voices_router)
+    app.include_router(metrics_router)
+    app.include_router(playground)
     return app
 
 
@@ -102,6 +115,7 @@ async def _become_owner(service: TaskService, lock: EngineLock, engine_factory: 
     )
     service.runner = runner
     await runner.start()
+    await service.voices.precompute_all()  # saved voices' prompt features for this model (disk hits are cheap)
 
 
 def _warn_if_open(settings: Settings) -> None:

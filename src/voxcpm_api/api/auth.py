@@ -11,7 +11,9 @@ import hmac
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics",  # probes and scrapes: see README_API.md
+                        "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
+OPEN_PREFIXES = ("/static/",)  # the playground's assets; the page asks for the key itself
 
 
 class ApiKeyMiddleware:
@@ -20,15 +22,19 @@ class ApiKeyMiddleware:
         self.api_key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if (scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES)
+                or scope["method"] == "OPTIONS"):
             await self.app(scope, receive, send)
             return
         if self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        response = JSONResponse(
-            status_code=401, headers={"WWW-Authenticate": "Bearer"},
-            content={"detail": "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"})
+        message = "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+        content: dict[str, object] = {"detail": message}
+        if scope["path"].startswith("/v1/"):  # OpenAI-compatible routes answer in OpenAI's error shape
+            content = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": "invalid_api_key"}}
+        response = JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content=content)
         await response(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:

@@ -119,7 +119,8 @@ async def cleanup(service: ServiceDep, max_age_s: Annotated[float, Query(ge=0)] 
 def _to_input(body: SynthesizeRequest) -> SynthesisInput:
     return SynthesisInput(text=body.text, lora_name=body.lora_name, cfg_scale=body.cfg_scale, steps=body.steps,
                           seed=body.seed, ref_audio_path=body.ref_audio_path, ref_text=body.ref_text,
-                          response_format=body.response_format, normalize=body.normalize, voice=body.voice)
+                          response_format=body.response_format, normalize=body.normalize, voice=body.voice,
+                          explicit_fields=frozenset(body.model_fields_set))
 
 
 async def _respond(service: TaskService, record: TaskRecord, async_mode: bool,
@@ -155,7 +156,7 @@ def _task_view(record: TaskRecord, service: TaskService, request: Request) -> Ta
         estimated_time=None if record.estimated_time_s is None else _seconds(record.estimated_time_s),
         audio_path=audio_path, error=record.error, sample_rate=record.sample_rate_hz, duration_s=record.duration_s,
         lora_name=record.params.lora_name, seed=record.params.seed, response_format=record.params.response_format,
-        attempts=record.attempts, download_url=download_url)
+        attempts=record.attempts, download_url=download_url, voice=record.params.voice)
 
 
 def _seconds(value: float | None) -> int:

@@ -86,6 +86,7 @@ class TaskView(BaseModel):
     response_format: OutputFormat
     attempts: int
     download_url: str | None
+    voice: str | None = None  # the saved voice the task cloned (POST /voices), if any
 
 
 class TaskList(BaseModel):

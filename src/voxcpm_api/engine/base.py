@@ -19,6 +19,9 @@ from ..lora.catalog import AdapterSpec
 # Called once after every generated patch, from the engine thread. It may raise TaskCancelled
 # to stop the generation at that patch boundary.
 PatchCallback = Callable[[], None]
+# Called with the decoded float32 samples of each new patch while streaming, from the engine thread.
+# It may raise TaskCancelled to stop the generation at that patch boundary.
+AudioCallback = Callable[[np.ndarray], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,22 @@ class Engine(Protocol):
         """
         ...
 
+    def generate_stream(self, request: ChunkRequest, on_audio: AudioCallback) -> int:
+        """Synthesize one chunk, passing each patch's decoded samples to `on_audio` as soon as it exists.
+
+        Returns the number of patches. Same seed, same stream; the stream need not equal generate()'s
+        samples (the official streaming path decodes patch by patch). Raises like generate().
+        """
+        ...
+
     def check_reference_audio(self, path: str) -> None:
         """Raise BadAudio if `path` cannot be decoded as audio the model can clone from."""
+        ...
+
+    def prepare_prompt(self, ref_audio_path: str, ref_text: str | None) -> None:
+        """Compute (and cache) the prompt features generate() will need for this reference, now.
+
+        Used for saved voices, so their first request does not pay for encoding. Raises BadAudio
+        when the audio cannot be read, InvalidInput when the model needs a transcript and got none.
+        """
         ...

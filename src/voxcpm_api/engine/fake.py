@@ -17,7 +17,7 @@ import soundfile as sf
 
 from ..domain import EngineInfo
 from ..errors import BadAudio, EngineFailure
-from .base import ChunkRequest, PatchCallback
+from .base import AudioCallback, ChunkRequest, PatchCallback
 
 FAKE_SAMPLE_RATE_HZ = 16000
 FAKE_PATCH_SAMPLES = 1280  # 80 ms per patch, like VoxCPM-0.5B
@@ -30,6 +30,8 @@ class FakeEngine:
     fail_marker: str = "FAIL_ENGINE"  # text containing this makes generate() raise EngineFailure
     architecture: str = "voxcpm"
     calls: list[ChunkRequest] = field(default_factory=list)
+    prepared: list[tuple[str, str | None]] = field(default_factory=list)  # prepare_prompt calls
+    patches_streamed: int = 0  # patches handed out by generate_stream (all requests)
     _info: EngineInfo | None = None
 
     def load(self) -> EngineInfo:
@@ -72,6 +74,32 @@ class FakeEngine:
             patches.append((0.1 * rng.standard_normal(FAKE_PATCH_SAMPLES)).astype(np.float32))
             on_patch()
         return np.concatenate(patches)
+
+    def generate_stream(self, request: ChunkRequest, on_audio: AudioCallback) -> int:
+        """The very patches generate() would return, handed to on_audio one by one as they are made.
+
+        `patches_streamed` counts every patch handed out (tests check that a disconnect stops it).
+        """
+        self.calls.append(request)
+        if self.fail_marker and self.fail_marker in request.text:
+            raise EngineFailure("the fake engine was asked to fail")
+        if request.ref_audio_path is not None:
+            self.check_reference_audio(request.ref_audio_path)
+        key = "|".join([request.text, str(request.seed), request.adapter.name if request.adapter else "",
+                        f"{request.cfg_scale:.4f}", str(request.steps), request.ref_audio_path or ""])
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+        num_patches = self.expected_patches(request.text)
+        for _ in range(num_patches):
+            time.sleep(self.patch_delay_s)
+            patch = (0.1 * rng.standard_normal(FAKE_PATCH_SAMPLES)).astype(np.float32)
+            self.patches_streamed += 1
+            on_audio(patch)
+        return num_patches
+
+    def prepare_prompt(self, ref_audio_path: str, ref_text: str | None) -> None:
+        """No features to compute: validates the audio and records the call (tests read `prepared`)."""
+        self.check_reference_audio(ref_audio_path)
+        self.prepared.append((ref_audio_path, ref_text))
 
     def check_reference_audio(self, path: str) -> None:
         try:

@@ -4,7 +4,8 @@
 [reference_wav_path], cfg_value, inference_timesteps, retry_badcase=False)` step for step (same
 whitespace normalisation, no text normaliser, min_len 2, max_len 4096, `torch.manual_seed`), but
   * switches LoRA adapters per request through `lora_runtime` (no reload, any rank/targets),
-  * caches the prompt-audio features by the sha256 of the audio file's bytes,
+  * caches the prompt-audio features by the sha256 of the audio file's bytes (in memory and, with
+    `feature_cache_dir`, on disk as safetensors, so saved voices are encoded once per model),
   * reports every generated patch through a forward hook on `tts_model.stop_head`, which the
     official loop calls exactly once per patch; the callback may raise TaskCancelled to abort.
 
@@ -13,9 +14,11 @@ Everything but `info` is called from one worker thread; nothing here is locked.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -29,13 +32,15 @@ import numpy as np
 
 from .. import errors
 from ..domain import EngineInfo
-from .base import ChunkRequest, PatchCallback
+from .base import AudioCallback, ChunkRequest, PatchCallback
 
 OFFICIAL_MIN_LEN = 2
 OFFICIAL_MAX_LEN = 4096
 OFFICIAL_RATIO = 6.0  # retry_badcase_ratio_threshold: the per-call patch cap is tokens * 6 + 10
 TINY_MODELS = {"tiny": "voxcpm", "tiny-v1": "voxcpm", "tiny-v2": "voxcpm2"}
 _EWMA_WEIGHT = 0.3
+FEATURE_FORMAT = "voxcpm_api-prompt-features/1"  # bump when the on-disk layout or its meaning changes
+log = logging.getLogger("voxcpm_api.engine")
 
 
 def _default_cache_dir() -> Path:
@@ -51,6 +56,9 @@ class EngineConfig:
     cache_dir: Path = field(default_factory=_default_cache_dir)  # tiny checkpoints live here
     lora_cache_size: int = 8  # loaded adapters kept in memory
     prompt_cache_size: int = 32  # encoded reference audios kept in memory
+    # encoded reference audios kept on disk across restarts: <dir>/<model fingerprint>/<sha256>.<mode>.safetensors
+    feature_cache_dir: Path | None = None
+    feature_cache_max_files: int = 2000  # per model; the least recently used files go first
 
 
 class ModelUnavailable(errors.NotReady):
@@ -71,7 +79,9 @@ class VoxCPMEngine:
         self._normalizer: Any = None  # voxcpm.utils.text_normalize.TextNormalizer, lazily
         # counters, for tests and metrics
         self.prompt_cache_hits = 0
-        self.prompt_cache_misses = 0
+        self.prompt_cache_misses = 0  # reference audios actually encoded
+        self.prompt_disk_hits = 0  # features loaded from feature_cache_dir instead of encoding
+        self._feature_namespace: str | None = None  # what features depend on besides the audio (set by load)
         self.last_patch_count = 0
         self.last_generate_s = 0.0
 
@@ -109,6 +119,7 @@ class VoxCPMEngine:
         sample_rate = int(tts.sample_rate)
         patch_duration = tts.patch_size * decode_chunk / sample_rate
         self._vox, self._tts, self._model_dir = vox, tts, model_dir
+        self._feature_namespace = _feature_namespace(model_dir, architecture, tts)
         self._lora = LoRARuntime(tts, cache_size=self.config.lora_cache_size)
         # Prior for the EWMA: real VoxCPM speech runs at roughly 4 text tokens per second.
         self._ppt_prior = min(max(0.25 / patch_duration, 0.5), OFFICIAL_RATIO - 0.5)
@@ -269,6 +280,69 @@ class VoxCPMEngine:
             )
         return np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
 
+    def generate_stream(self, request: ChunkRequest, on_audio: AudioCallback) -> int:
+        """Synthesize one chunk through the official streaming path, one decoded patch at a time.
+
+        Same preparation and seeding as generate() (`torch.manual_seed(seed)` right before the call),
+        then `generate_with_prompt_cache_streaming`, whose every yield is one new patch's audio:
+        `patch_size * chunk_size` samples. The official code decodes each patch on its own (VoxCPM 1.x:
+        the last few patches' latents, keeping the newest patch's samples; VoxCPM2: a stateful causal
+        VAE decoder), so the stream is reproducible for a seed but is NOT sample-identical to
+        generate()'s file, which decodes all latents in one VAE pass. Returns the patch count.
+        `on_audio` may raise TaskCancelled; the official generator is then closed at once.
+        """
+        tts = self._require_loaded()
+        import torch
+
+        if not isinstance(request.text, str) or not request.text.strip():
+            raise errors.InvalidInput("text must be a non-empty string", field="text")
+        text = _normalize_text(request.text)
+        if request.normalize:
+            text = self._text_normalizer().normalize(text)
+        started = time.perf_counter()
+        try:
+            self._lora.activate(request.adapter)  # AdapterMismatch leaves the model untouched
+            prompt_cache = self._prompt_cache_for(request)
+        except errors.VoxError:
+            raise
+        except Exception as exc:
+            raise errors.EngineFailure(f"could not prepare the generation: {_short(exc)}") from exc
+
+        patches = 0
+        torch.manual_seed(request.seed)  # what the official VoxCPM.generate caller does
+        stream = tts.generate_with_prompt_cache_streaming(
+            target_text=text,
+            prompt_cache=prompt_cache,
+            min_len=OFFICIAL_MIN_LEN,
+            max_len=OFFICIAL_MAX_LEN,
+            inference_timesteps=request.steps,
+            cfg_value=request.cfg_scale,
+            retry_badcase=False,
+        )
+        try:
+            while True:
+                try:
+                    wav, _tokens, _feats = next(stream)
+                except StopIteration:
+                    break
+                patches += 1
+                on_audio(np.ascontiguousarray(wav.reshape(-1).float().numpy(), dtype=np.float32))
+        except errors.VoxError:  # TaskCancelled from on_audio, ...
+            raise
+        except Exception as exc:
+            raise errors.EngineFailure(f"generation failed: {_short(exc)}") from exc
+        finally:
+            stream.close()
+        self.last_patch_count = patches
+        self.last_generate_s = time.perf_counter() - started
+        tokens = len(tts.text_tokenizer(text))
+        if tokens > 0 and patches > 0:
+            observed = patches / tokens
+            self._ppt_ewma = observed if self._ppt_ewma is None else (
+                (1 - _EWMA_WEIGHT) * self._ppt_ewma + _EWMA_WEIGHT * observed
+            )
+        return patches
+
     def _text_normalizer(self) -> Any:
         """The official TextNormalizer (wetext + inflect), built on first use like VoxCPM.generate does."""
         if self._normalizer is None:
@@ -305,8 +379,13 @@ class VoxCPMEngine:
         key = (digest, mode)
         features = self._prompt_cache.get(key)
         if features is None:
-            self.prompt_cache_misses += 1
-            features = self._encode_prompt(path, ref_text, mode)
+            features = self._load_features(digest, mode)
+            if features is None:
+                self.prompt_cache_misses += 1
+                features = self._encode_prompt(path, ref_text, mode)
+                self._save_features(digest, mode, features)
+            else:
+                self.prompt_disk_hits += 1
             self._prompt_cache[key] = features
             while len(self._prompt_cache) > max(1, self.config.prompt_cache_size):
                 self._prompt_cache.popitem(last=False)
@@ -333,6 +412,84 @@ class VoxCPMEngine:
         # keep only the audio features (+ mode); the prompt text is per request
         return {k: v for k, v in built.items() if k != "prompt_text"}
 
+    def prepare_prompt(self, ref_audio_path: str, ref_text: str | None) -> None:
+        """Encode (or load from disk) the features for this reference now, as generate() would."""
+        self._require_loaded()
+        request = ChunkRequest(text="", adapter=None, cfg_scale=1.0, steps=1, seed=0,
+                               ref_audio_path=ref_audio_path, ref_text=ref_text)
+        try:
+            self._prompt_cache_for(request)
+        except errors.VoxError:
+            raise
+        except Exception as exc:
+            raise errors.EngineFailure(f"could not prepare the reference audio: {_short(exc)}") from exc
+
+    def _feature_path(self, digest: str, mode: str) -> Path | None:
+        if self.config.feature_cache_dir is None or self._feature_namespace is None:
+            return None
+        return Path(self.config.feature_cache_dir) / self._feature_namespace / f"{digest}.{mode}.safetensors"
+
+    def _load_features(self, digest: str, mode: str) -> dict | None:
+        """Features saved by _save_features (any engine on this model); None when absent or unusable."""
+        path = self._feature_path(digest, mode)
+        if path is None or not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as fh:  # no pickle: safe to load
+                meta = fh.metadata() or {}
+                if (meta.get("format"), meta.get("sha256"), meta.get("mode")) != (FEATURE_FORMAT, digest, mode):
+                    return None
+                features: dict[str, Any] = {name: fh.get_tensor(name) for name in fh.keys()}
+        except Exception as exc:  # corrupt or foreign file: encode again (and overwrite it)
+            log.warning("ignoring unreadable prompt features %s: %s", path, _short(exc))
+            return None
+        features.update({k[4:]: v for k, v in meta.items() if k.startswith("str:")})
+        with contextlib.suppress(OSError):
+            os.utime(path)  # mtime = last use, for _prune_features
+        return features
+
+    def _save_features(self, digest: str, mode: str, features: dict) -> None:
+        """Atomically write the features (CPU tensors + string fields); failures only cost a re-encode later."""
+        path = self._feature_path(digest, mode)
+        if path is None:
+            return
+        tensors: dict[str, Any] = {}
+        meta = {"format": FEATURE_FORMAT, "sha256": digest, "mode": mode}
+        for name, value in features.items():
+            if isinstance(value, str):
+                meta["str:" + name] = value
+            elif hasattr(value, "detach"):
+                tensors[name] = value.detach().to("cpu").contiguous()
+            else:  # nothing else is expected from the official build_prompt_cache; keep it in memory only
+                return
+        try:
+            from safetensors.torch import save
+
+            from ..audio.encoders import write_atomic
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, save(tensors, metadata=meta))
+            self._prune_features(path.parent)
+        except Exception as exc:
+            log.warning("could not store prompt features under %s: %s", path.parent, _short(exc))
+
+    def _prune_features(self, directory: Path) -> None:
+        """Bound the disk cache (one-off uploads land here too): drop the least recently used files."""
+        files = list(directory.glob("*.safetensors"))
+        excess = len(files) - max(1, self.config.feature_cache_max_files)
+        if excess <= 0:
+            return
+
+        def last_used(p: Path) -> float:
+            try:
+                return p.stat().st_mtime
+            except OSError:
+                return 0.0
+        for old in sorted(files, key=last_used)[:excess]:
+            old.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------ introspection (tests/metrics)
 
     @property
@@ -356,6 +513,36 @@ class VoxCPMEngine:
 def official_patch_cap(tokens: int) -> int:
     """The official per-call cap on generated patches: min(int(tokens * 6 + 10), max_len)."""
     return min(int(tokens * OFFICIAL_RATIO + 10), OFFICIAL_MAX_LEN)
+
+
+def _feature_namespace(model_dir: Path, architecture: str, tts: Any) -> str:
+    """Fingerprint of what prompt features depend on besides the audio: the audio VAE file, the model
+    config, the device type and VAE dtype, and the official package version. A different model gets a
+    different folder, so its features are never mixed up with these."""
+    digest = hashlib.sha256(f"{FEATURE_FORMAT}|{architecture}".encode())
+    try:
+        digest.update((model_dir / "config.json").read_bytes())
+    except OSError:
+        pass
+    for name in ("audiovae.safetensors", "audiovae.pth"):
+        try:
+            stat = (model_dir / name).stat()
+        except OSError:
+            continue
+        digest.update(f"|{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    try:
+        from importlib.metadata import version
+
+        official = version("voxcpm")
+    except Exception:
+        official = "unknown"
+    device = getattr(getattr(tts, "device", None), "type", None) or str(getattr(tts, "device", "cpu")).split(":")[0]
+    try:
+        vae_dtype = str(next(tts.audio_vae.parameters()).dtype)
+    except Exception:
+        vae_dtype = "unknown"
+    digest.update(f"|{official}|{device}|{vae_dtype}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _normalize_text(text: str) -> str:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 class Events(Protocol):
     def request_finished(self, endpoint: str, status_code: int) -> None:
-        """Every HTTP request on a synthesis endpoint, successful or not."""
+        """Every HTTP request, successful or not: its route template ("/task/{task_id}") and final status."""
 
     def generation_started(self, kind: str, lora: str | None, voice: str | None) -> None:
         """kind: "task" (queued or sync) or "stream"."""

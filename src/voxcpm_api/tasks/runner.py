@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,13 +31,16 @@ from ..audio.encoders import (FILE_EXTENSIONS, crossfade_concat, encode_audio, m
                               opus_sample_rate_for, write_atomic)
 from ..domain import EngineInfo, SynthesisParams
 from ..engine.base import ChunkRequest, Engine
-from ..errors import TaskCancelled, VoxError
+from ..errors import NotReady, TaskCancelled, VoxError
 from ..lora.catalog import LoRACatalog, check_adapter_fits, is_base_model_name
 from ..paths import audio_file_name
 from ..textsplit import split_text, voice_design_prefix
 from .events import Events, NullEvents
 from .progress import PatchProgress, ShutdownRequested
 from .store import TaskRecord, TaskStore
+
+if TYPE_CHECKING:  # streaming lives in tasks/stream.py
+    from .stream import AudioStream
 
 log = logging.getLogger("voxcpm_api.runner")
 
@@ -146,6 +150,19 @@ class EngineRunner:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]] | None:
         return dict(self._engine.linear_shapes()) if self._engine is not None else None
+
+    async def precompute_voice(self, path: str, transcript: str | None) -> None:
+        """A saved voice's prompt features, computed (or loaded from disk) in the engine thread, between tasks."""
+        engine = self._engine
+        if engine is None:
+            raise NotReady("the model is not loaded yet")
+        await self._in_engine_thread(lambda: engine.prepare_prompt(path, transcript))
+
+    def engine_stats(self) -> dict[str, dict[str, int]]:
+        """Per-adapter LoRA loads and evictions of this engine, for /metrics (empty without a LoRA runtime)."""
+        runtime = getattr(self._engine, "lora_runtime", None)
+        return {"adapter_loads": dict(getattr(runtime, "loads", None) or {}),
+                "adapter_evictions": dict(getattr(runtime, "evictions", None) or {})}
 
     # ---- background loops ---------------------------------------------------------------------
 
@@ -295,6 +312,61 @@ class EngineRunner:
             pieces.append(engine.generate(request, on_patch))
         samples = crossfade_concat(pieces, engine.info.sample_rate_hz)
         return Synthesized(samples=samples, sample_rate_hz=engine.info.sample_rate_hz, num_patches=progress.done_total)
+
+    # ---- streaming (tasks/stream.py) ----------------------------------------------------------
+
+    def stream(self, params: SynthesisParams, *, arrived_at: float | None = None) -> AudioStream:
+        """Start a streamed synthesis of validated `params`; no task is stored (ADR 0005)."""
+        from ..errors import NotReady
+        from .stream import AudioStream
+
+        info = self.info
+        if info is None or not self.loaded.is_set():
+            raise NotReady("the model is still loading; retry shortly (GET /health shows model_loaded)")
+        return AudioStream(self, params, info.sample_rate_hz, arrived_at=arrived_at)
+
+    def _stream_blocking(self, params: SynthesisParams, emit: Callable[[np.ndarray], None],
+                         cancel: threading.Event) -> int:
+        """Engine thread: like _synthesize_blocking, but each patch goes to `emit` as it is decoded."""
+        from ..audio.streaming import StreamCrossfader
+        from .stream import ClientGone
+
+        engine = self._engine
+        assert engine is not None and engine.info is not None
+        adapter = None
+        if not is_base_model_name(params.lora_name):
+            adapter = self._catalog.resolve(params.lora_name or "")
+            check_adapter_fits(adapter, engine.linear_shapes())
+        chunks = self._plan_chunks(params.text, engine.info)
+        joiner = StreamCrossfader(engine.info.sample_rate_hz)  # the 40 ms crossfade tasks use, done live
+
+        def on_audio(samples: np.ndarray) -> None:
+            if self._shutdown.is_set():
+                raise ShutdownRequested("server is shutting down")
+            if cancel.is_set():
+                raise ClientGone("the client went away")
+            ready = joiner.push(samples)
+            if ready.size:
+                emit(ready)
+
+        patches = 0
+        for index, chunk in enumerate(chunks):
+            if cancel.is_set():
+                raise ClientGone("the client went away")
+            joiner.start_chunk(last=index == len(chunks) - 1)
+            request = ChunkRequest(
+                text=chunk, adapter=adapter, cfg_scale=params.cfg_scale, steps=params.steps,
+                seed=(params.seed + index) % SEED_MODULUS,  # as tasks: chunk i is seeded with seed + i
+                ref_audio_path=params.ref_audio_path, ref_text=params.ref_text, normalize=params.normalize,
+            )
+            patches += engine.generate_stream(request, on_audio)
+            ready = joiner.end_chunk()
+            if ready.size:
+                emit(ready)
+        rest = joiner.finish()
+        if rest.size:
+            emit(rest)
+        return patches
 
     def _plan_chunks(self, text: str, info: EngineInfo) -> list[str]:
         max_chars = self._config.chunk_max_chars

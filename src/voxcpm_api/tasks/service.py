@@ -24,6 +24,8 @@ from ..lora.catalog import LoRACatalog, check_adapter_fits, is_base_model_name
 from ..paths import (AUDIO_FILE_RE, UPLOADS_DIR_NAME, new_task_id, resolve_download, resolve_reference_audio)
 from .runner import EngineRunner
 from .store import TaskRecord, TaskStore
+from .stream import AudioStream
+from .voices import VoiceLibrary, VoiceRecord
 
 log = logging.getLogger("voxcpm_api.service")
 
@@ -49,6 +51,9 @@ class SynthesisInput:
     normalize: bool = False
     voice: str | None = None  # a saved voice (POST /voices): its reference audio, transcript and defaults
     uploaded_ref: Path | None = None  # set by the upload endpoint instead of ref_audio_path
+    # fields the client set itself (pydantic's model_fields_set); a voice's defaults fill the others.
+    # None: guess (lora_name/cfg_scale/steps count as set when they differ from the request defaults)
+    explicit_fields: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,7 @@ class TaskService:
         self.store = store
         self.catalog = catalog
         self.runner: EngineRunner | None = None  # set when this process becomes the engine owner
+        self.voices = VoiceLibrary(self)  # saved voices (tasks/voices.py)
 
     # ---- submission ---------------------------------------------------------------------------
 
@@ -74,6 +80,21 @@ class TaskService:
         self._refuse_if_load_failed()
         params = await asyncio.to_thread(self._validate, request)
         return await self._enqueue(params)
+
+    async def open_stream(self, request: SynthesisInput, *, arrived_at: float | None = None
+                          ) -> tuple[int, AudioStream]:
+        """Validate like submit() and start a streamed generation; no task is stored (ADR 0005).
+
+        Returns (model sample rate, stream). Only the engine-owner process can stream (ADR 0002).
+        """
+        self._refuse_if_load_failed()
+        if self.runner is None:
+            raise NotReady("streaming is served by the engine-owner process; run with --workers 1 or use "
+                           "async tasks (POST /synthesize)")
+        self.require_ready()
+        params = await asyncio.to_thread(self._validate, request)
+        stream = self.runner.stream(params, arrived_at=arrived_at)
+        return stream.sample_rate_hz, stream
 
     async def _enqueue(self, params: SynthesisParams) -> TaskRecord:
         estimate_s = self._estimate_s(params.text)
@@ -90,7 +111,12 @@ class TaskService:
             self.runner.wake()
         return record
 
+    def resolve_voice(self, name: str) -> VoiceRecord:
+        """A saved voice (name, ref_audio_path, transcript, lora_name, cfg_scale, steps); 404 'voice' if unknown."""
+        return self.voices.resolve(name)
+
     def _validate(self, request: SynthesisInput) -> SynthesisParams:
+        request = self.voices.apply(request)  # a saved voice: its audio, transcript and defaults
         text = request.text
         if not text.strip():
             raise InvalidInput("text must not be empty or whitespace", field="text")
@@ -117,7 +143,7 @@ class TaskService:
         return SynthesisParams(
             text=text, lora_name=lora_name, cfg_scale=request.cfg_scale, steps=request.steps, seed=seed,
             ref_audio_path=str(ref_path) if ref_path else None, ref_text=request.ref_text,
-            response_format=request.response_format, normalize=request.normalize,
+            response_format=request.response_format, normalize=request.normalize, voice=request.voice,
         )
 
     def _resolve_reference(self, request: SynthesisInput) -> Path | None:
