@@ -46,6 +46,25 @@ def timed_sync(client: httpx.Client, body: dict) -> float:
     return time.perf_counter() - started
 
 
+def time_to_first_byte(client: httpx.Client, body: dict, n: int = 10) -> dict:
+    """POST /synthesize/stream n times; seconds from sending the request to the first body byte.
+
+    Every stream is read to its end, so the next request never waits for a cancelled generation.
+    """
+    firsts: list[float] = []
+    for _ in range(n):
+        started = time.perf_counter()
+        first = None
+        with client.stream("POST", "/synthesize/stream", json=body) as response:
+            response.raise_for_status()
+            for piece in response.iter_raw():
+                if piece and first is None:
+                    first = time.perf_counter() - started
+        assert first is not None, "the stream sent no bytes"
+        firsts.append(first)
+    return percentiles(firsts)
+
+
 def bench_overhead(tmp: Path) -> dict:
     settings = Settings(output_dir=tmp / "fake-out", lora_dir=tmp / "none", ref_audio_dir=[tmp], model="fake",
                         host="127.0.0.1")
@@ -64,6 +83,8 @@ def bench_overhead(tmp: Path) -> dict:
         for task_id in ids:
             wait_final(client, task_id)
         results["async_submit"] = {"per_request_ms": round(1000 * submit_s / 50, 2)}
+        results["ttfb"] = {fmt: time_to_first_byte(client, {"text": "Hello there, first byte.", "response_format": fmt})
+                           for fmt in ("mp3", "wav")}
         return results
 
 
@@ -80,6 +101,7 @@ def bench_tiny(tmp: Path) -> dict:
         base = [timed_sync(client, body) for _ in range(5)]
         same_lora = [timed_sync(client, {**body, "lora_name": loras[0]}) for _ in range(5)]
         switching = [timed_sync(client, {**body, "lora_name": loras[i % 2]}) for i in range(6)]
+        ttfb = {fmt: time_to_first_byte(client, {**body, "response_format": fmt}) for fmt in ("mp3", "wav")}
         started = time.perf_counter()
         ids: list[str] = []
         lock = threading.Lock()
@@ -101,7 +123,7 @@ def bench_tiny(tmp: Path) -> dict:
         engine = service.runner._engine  # noqa: SLF001 - benchmark introspection
         return {
             "sync_base": percentiles(base), "sync_same_lora": percentiles(same_lora),
-            "sync_alternating_loras": percentiles(switching),
+            "sync_alternating_loras": percentiles(switching), "ttfb": ttfb,
             "twenty_concurrent": {"wall_s": round(twenty_s, 2), "audio_s": round(audio_s, 2),
                                   "statuses": sorted({d["status"] for d in done})},
             "lora_switch": measure_switch(engine, service.catalog, loras),
@@ -139,7 +161,12 @@ def to_markdown(report: dict) -> str:
         ("service overhead, sync WAV (fake engine, 0 s generation)", f"{o['wav']['p50_ms']} ms p50 / {o['wav']['p90_ms']} ms p90"),
         ("service overhead, sync MP3 (fake engine)", f"{o['mp3']['p50_ms']} ms p50 / {o['mp3']['p90_ms']} ms p90"),
         ("async submit (fake engine)", f"{o['async_submit']['per_request_ms']} ms per request"),
+        ("ttfb: /synthesize/stream first byte (fake engine, 0 s generation)",
+         f"{o['ttfb']['mp3']['p50_ms']} ms p50 mp3 / {o['ttfb']['wav']['p50_ms']} ms p50 wav"),
         ("tiny model, sync, base", f"{t['sync_base']['p50_ms']} ms p50"),
+        ("ttfb: tiny model, /synthesize/stream first byte",
+         f"{t['ttfb']['mp3']['p50_ms']} ms p50 mp3 / {t['ttfb']['wav']['p50_ms']} ms p50 wav "
+         f"(whole file, sync: {t['sync_base']['p50_ms']} ms p50)"),
         ("tiny model, sync, same LoRA", f"{t['sync_same_lora']['p50_ms']} ms p50"),
         ("tiny model, sync, alternating LoRAs", f"{t['sync_alternating_loras']['p50_ms']} ms p50"),
         ("LoRA switch (resident adapter, engine-level)", f"{t['lora_switch']['resident_switch']['p50_ms']} ms p50"),

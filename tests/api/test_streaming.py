@@ -191,7 +191,7 @@ def test_worker_without_the_engine_refuses_streams_clearly(make_server, tmp_path
 def test_a_stream_and_a_task_never_generate_at_once(make_server) -> None:
     engine = FakeEngine(patch_delay_s=0.05)
     running = make_server(engine=engine)
-    text = "s" * 80  # 20 patches, 1 s
+    text = "s" * 160  # 40 patches, 2 s
     with httpx.Client(base_url=running.server.url, timeout=30) as streamer:
         with streamer.stream("POST", "/synthesize/stream", json={"text": text, "response_format": "pcm"}) as response:
             pieces = response.iter_raw()

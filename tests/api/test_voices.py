@@ -341,3 +341,40 @@ def test_voices_need_the_api_key(make_server) -> None:
         assert anonymous.get("/voices").status_code == 401
         assert anonymous.post("/voices", data={"name": "x"}).status_code == 401
     assert srv.client.get("/voices").json() == {"voices": [], "count": 0}
+
+
+# ---- precomputing features in the engine owner ----------------------------------------------------
+
+
+class UnreadableForModel(FakeEngine):
+    """Audio that libsndfile decodes but the model cannot use (e.g. a codec its loader lacks)."""
+
+    def prepare_prompt(self, ref_audio_path: str, ref_text: str | None) -> None:
+        from voxcpm_api.errors import BadAudio
+
+        raise BadAudio("the model cannot read it", field="ref_audio_path")
+
+
+class SlowPrepare(FakeEngine):
+    def prepare_prompt(self, ref_audio_path: str, ref_text: str | None) -> None:
+        time.sleep(1.0)
+        super().prepare_prompt(ref_audio_path, ref_text)
+
+
+def test_audio_the_model_cannot_read_is_refused_and_not_kept(make_server) -> None:
+    srv = make_server(engine=UnreadableForModel())
+    response = post_voice(srv, "henry", wav_bytes(freq=1600))
+    assert response.status_code == 400 and names_field(response, "audio"), response.text
+    assert srv.client.get("/voices").json()["count"] == 0
+    assert voice_files(srv) == set()
+
+
+def test_slow_features_finish_in_the_background(make_server, monkeypatch) -> None:
+    import voxcpm_api.tasks.voices as voices_module
+
+    monkeypatch.setattr(voices_module, "PRECOMPUTE_WAIT_S", 0.1)
+    srv = make_server(engine=SlowPrepare())
+    response = post_voice(srv, "ivy", wav_bytes(freq=1700))
+    assert response.status_code == 201 and response.json()["features_cached"] is False, response.text
+    done(srv, synth(srv, voice="ivy"))  # usable at once
+    wait_until(lambda: srv.client.get("/voices/ivy").json()["features_cached"], 10, what="features_cached")

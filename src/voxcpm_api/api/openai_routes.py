@@ -182,10 +182,11 @@ async def list_models(request: Request, service: ServiceDep) -> ModelList:
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"])
-async def retrieve_model(model_id: str, request: Request, service: ServiceDep) -> ModelCard:
+async def retrieve_model(model_id: str, request: Request, service: ServiceDep) -> ModelCard | JSONResponse:
     card = _model_card(request, service)
     if model_id != card.id:
-        raise NotFound(f"The model '{model_id}' does not exist; this server serves '{card.id}'", field="model")
+        return openai_error(404, f"The model '{model_id}' does not exist; this server serves '{card.id}'",
+                            param="model", code="model_not_found")
     return card
 
 

@@ -16,6 +16,7 @@ of everything returned is one playable file/stream:
 ``aac``   AAC-LC (ffmpeg's native encoder) 64 kbit/s in ADTS frames, at the nearest AAC rate;
           ADTS carries no priming info, so decoders return 1024 extra leading samples.
 ``flac``  FLAC 16-bit; STREAMINFO keeps total_samples = 0 ("unknown"), which the format allows.
+          FFmpeg (and so browsers) read it to the end; libsndfile 1.2 fails on its last seek.
 
 Why these libraries: libsndfile (soundfile) does write MP3 and FLAC incrementally to a Python
 file object, but it rewrites the first bytes at close (MP3: the LAME tag over a zero-filled
@@ -31,8 +32,8 @@ packet; FLAC buffers one block of 1152 samples).
 (``librosa.effects.time_stretch``) because it works on a stream of blocks with bounded delay,
 so a streamed response keeps its per-patch latency, and WSOLA keeps speech crisper than a
 phase vocoder, which smears transients ("phasiness"). Speeds outside 0.5..2 chain several
-``atempo`` stages (one stage skips samples above 2, FFmpeg's docs advise chaining). The same code serves whole files, so streamed and non-streamed
-speed changes sound the same.
+``atempo`` stages (one stage skips samples above 2, FFmpeg's docs advise chaining). The same
+code serves whole files, so streamed and non-streamed speed changes sound the same.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,19 +59,9 @@ class FakeEngine:
         return max(3, len(text) // 4)
 
     def generate(self, request: ChunkRequest, on_patch: PatchCallback) -> np.ndarray:
-        self.calls.append(request)
-        if self.fail_marker and self.fail_marker in request.text:
-            raise EngineFailure("the fake engine was asked to fail")
-        if request.ref_audio_path is not None:
-            self.check_reference_audio(request.ref_audio_path)
-        key = "|".join([request.text, str(request.seed), request.adapter.name if request.adapter else "",
-                        f"{request.cfg_scale:.4f}", str(request.steps), request.ref_audio_path or ""])
-        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
-        num_patches = self.expected_patches(request.text)
         patches = []
-        for _ in range(num_patches):
-            time.sleep(self.patch_delay_s)
-            patches.append((0.1 * rng.standard_normal(FAKE_PATCH_SAMPLES)).astype(np.float32))
+        for patch in self._patches(request):
+            patches.append(patch)
             on_patch()
         return np.concatenate(patches)
 
@@ -80,6 +70,15 @@ class FakeEngine:
 
         `patches_streamed` counts every patch handed out (tests check that a disconnect stops it).
         """
+        count = 0
+        for patch in self._patches(request):
+            self.patches_streamed += 1
+            count += 1
+            on_audio(patch)
+        return count
+
+    def _patches(self, request: ChunkRequest) -> Iterator[np.ndarray]:
+        """Deterministic noise patches from every parameter that must reach the engine."""
         self.calls.append(request)
         if self.fail_marker and self.fail_marker in request.text:
             raise EngineFailure("the fake engine was asked to fail")
@@ -88,13 +87,9 @@ class FakeEngine:
         key = "|".join([request.text, str(request.seed), request.adapter.name if request.adapter else "",
                         f"{request.cfg_scale:.4f}", str(request.steps), request.ref_audio_path or ""])
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
-        num_patches = self.expected_patches(request.text)
-        for _ in range(num_patches):
+        for _ in range(self.expected_patches(request.text)):
             time.sleep(self.patch_delay_s)
-            patch = (0.1 * rng.standard_normal(FAKE_PATCH_SAMPLES)).astype(np.float32)
-            self.patches_streamed += 1
-            on_audio(patch)
-        return num_patches
+            yield (0.1 * rng.standard_normal(FAKE_PATCH_SAMPLES)).astype(np.float32)
 
     def prepare_prompt(self, ref_audio_path: str, ref_text: str | None) -> None:
         """No features to compute: validates the audio and records the call (tests read `prepared`)."""

@@ -225,16 +225,15 @@ class VoxCPMEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, request: ChunkRequest, on_patch: PatchCallback) -> np.ndarray:
+    def _prepare(self, request: ChunkRequest) -> tuple[Any, str, dict | None]:
+        """Shared by generate() and generate_stream(): text as the official caller shapes it, the
+        request's adapter made active, and the prompt cache for cloning."""
         tts = self._require_loaded()
-        import torch
-
         if not isinstance(request.text, str) or not request.text.strip():
             raise errors.InvalidInput("text must be a non-empty string", field="text")
         text = _normalize_text(request.text)
         if request.normalize:
             text = self._text_normalizer().normalize(text)
-        started = time.perf_counter()
         try:
             self._lora.activate(request.adapter)  # AdapterMismatch leaves the model untouched
             prompt_cache = self._prompt_cache_for(request)
@@ -242,7 +241,24 @@ class VoxCPMEngine:
             raise
         except Exception as exc:
             raise errors.EngineFailure(f"could not prepare the generation: {_short(exc)}") from exc
+        return tts, text, prompt_cache
 
+    def _observe(self, tts: Any, text: str, patches: int, started: float) -> None:
+        """Learn patches per token (for expected_patches) from a finished generation."""
+        self.last_patch_count = patches
+        self.last_generate_s = time.perf_counter() - started
+        tokens = len(tts.text_tokenizer(text))
+        if tokens > 0 and patches > 0:
+            observed = patches / tokens
+            self._ppt_ewma = observed if self._ppt_ewma is None else (
+                (1 - _EWMA_WEIGHT) * self._ppt_ewma + _EWMA_WEIGHT * observed
+            )
+
+    def generate(self, request: ChunkRequest, on_patch: PatchCallback) -> np.ndarray:
+        import torch
+
+        started = time.perf_counter()
+        tts, text, prompt_cache = self._prepare(request)
         patches = 0
 
         def hook(_module: Any, _inputs: Any, _output: Any) -> None:
@@ -270,14 +286,7 @@ class VoxCPMEngine:
             raise errors.EngineFailure(f"generation failed: {_short(exc)}") from exc
         finally:
             handle.remove()
-        self.last_patch_count = patches
-        self.last_generate_s = time.perf_counter() - started
-        tokens = len(tts.text_tokenizer(text))
-        if tokens > 0 and patches > 0:
-            observed = patches / tokens
-            self._ppt_ewma = observed if self._ppt_ewma is None else (
-                (1 - _EWMA_WEIGHT) * self._ppt_ewma + _EWMA_WEIGHT * observed
-            )
+        self._observe(tts, text, patches, started)
         return np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
 
     def generate_stream(self, request: ChunkRequest, on_audio: AudioCallback) -> int:
@@ -291,23 +300,10 @@ class VoxCPMEngine:
         generate()'s file, which decodes all latents in one VAE pass. Returns the patch count.
         `on_audio` may raise TaskCancelled; the official generator is then closed at once.
         """
-        tts = self._require_loaded()
         import torch
 
-        if not isinstance(request.text, str) or not request.text.strip():
-            raise errors.InvalidInput("text must be a non-empty string", field="text")
-        text = _normalize_text(request.text)
-        if request.normalize:
-            text = self._text_normalizer().normalize(text)
         started = time.perf_counter()
-        try:
-            self._lora.activate(request.adapter)  # AdapterMismatch leaves the model untouched
-            prompt_cache = self._prompt_cache_for(request)
-        except errors.VoxError:
-            raise
-        except Exception as exc:
-            raise errors.EngineFailure(f"could not prepare the generation: {_short(exc)}") from exc
-
+        tts, text, prompt_cache = self._prepare(request)
         patches = 0
         torch.manual_seed(request.seed)  # what the official VoxCPM.generate caller does
         stream = tts.generate_with_prompt_cache_streaming(
@@ -333,14 +329,7 @@ class VoxCPMEngine:
             raise errors.EngineFailure(f"generation failed: {_short(exc)}") from exc
         finally:
             stream.close()
-        self.last_patch_count = patches
-        self.last_generate_s = time.perf_counter() - started
-        tokens = len(tts.text_tokenizer(text))
-        if tokens > 0 and patches > 0:
-            observed = patches / tokens
-            self._ppt_ewma = observed if self._ppt_ewma is None else (
-                (1 - _EWMA_WEIGHT) * self._ppt_ewma + _EWMA_WEIGHT * observed
-            )
+        self._observe(tts, text, patches, started)
         return patches
 
     def _text_normalizer(self) -> Any:

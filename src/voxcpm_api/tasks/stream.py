@@ -26,6 +26,7 @@ import numpy as np
 
 from ..domain import SynthesisParams
 from ..errors import EngineFailure, TaskCancelled, VoxError
+from .progress import ShutdownRequested
 
 if TYPE_CHECKING:
     from .runner import EngineRunner
@@ -106,6 +107,8 @@ class AudioStream:
         while not self._slots.acquire(timeout=SLOT_POLL_INTERVAL_S):
             if self._cancel.is_set():
                 raise ClientGone("the client went away")
+            if self._runner._shutdown.is_set():  # noqa: SLF001 - a stalled reader must not block shutdown
+                raise ShutdownRequested("server is shutting down")
         if self._cancel.is_set():
             raise ClientGone("the client went away")
         self.samples_made += samples.size
