@@ -280,3 +280,34 @@ def test_client_scripts_run_against_the_server(tiny_server, tmp_path: Path) -> N
         result = subprocess.run([sys.executable, str(REPO_ROOT / script), *extra], capture_output=True, text=True,
                                 timeout=300, cwd=tmp_path)
         assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.mark.parametrize("async_mode", [True, False], ids=["async", "sync"])
+def test_bad_input_on_the_real_model_is_4xx_and_stores_nothing(tiny_server, async_mode: bool) -> None:
+    """The exhaustive matrix runs on FakeEngine (tests/api/test_bad_input.py); this checks the same
+    refusals hold with the real engine owner behind them (LoRA shapes and model info come from it)."""
+    _, client, tmp = tiny_server
+    (tmp / "ref" / "junk.wav").write_bytes(b"not audio at all" * 100)
+    lora = client.get("/loras").json()["loras"][0]
+    cases = [
+        ({"text": "   "}, 422), ({"text": 42}, 422), ({"text": "x" * 6000}, 422), ({"text": "ok", "steps": 0}, 422),
+        ({"text": "ok", "cfg_scale": 0}, 422), ({"text": "ok", "seed": -2}, 422), ({"text": "ok", "lora_name": "nope"}, 404),
+        ({"text": "ok", "lora_name": "../x"}, 403), ({"text": "ok", "ref_text": "no audio"}, 422),
+        ({"text": "ok", "ref_audio_path": "/etc/passwd", "ref_text": "t"}, 403),
+        ({"text": "ok", "ref_audio_path": "missing.wav", "ref_text": "t"}, 404),
+        ({"text": "ok", "ref_audio_path": "junk.wav", "ref_text": "t"}, 400),
+        ({"text": "ok", "ref_audio_path": "voice.wav"}, 422),  # VoxCPM 1.x needs the transcript
+        ({"text": "ok", "response_format": "aac"}, 422), ({"text": "ok", "lora_name": lora, "steps": 101}, 422),
+    ]
+    wait_until(lambda: all(client.get("/tasks", params={"status": s}).json()["total"] == 0
+                           for s in ("pending", "processing")), 120, 0.05, "earlier tasks to finish")
+    before = client.get("/tasks").json()["total"]
+    files_before = sorted(p.name for p in (tmp / "out").glob("tts_*"))
+    for body, status in cases:
+        response = client.post("/synthesize", json={**body, "async_mode": async_mode})
+        assert response.status_code == status, (body, response.status_code, response.text)
+        assert response.json().get("detail"), response.text
+    malformed = client.post("/synthesize", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 422
+    assert client.get("/tasks").json()["total"] == before
+    assert sorted(p.name for p in (tmp / "out").glob("tts_*")) == files_before
