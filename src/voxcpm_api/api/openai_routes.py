@@ -27,10 +27,10 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -45,6 +45,7 @@ from ..lora.catalog import is_base_model_name
 from ..tasks.service import SynthesisInput, TaskService
 from ..tasks.stream import AudioStream
 from .schemas import SEED_MAX
+from .routes import ServiceDep
 from .stream_routes import AudioStreamingResponse, encoded_audio, first_audio
 
 log = logging.getLogger("voxcpm_api.openai")
@@ -116,11 +117,6 @@ class OpenAIRoute(APIRoute):
 router = APIRouter(route_class=OpenAIRoute)
 
 
-def _service(request: Request) -> TaskService:
-    return request.app.state.service  # type: ignore[no-any-return]
-
-
-ServiceDep = Annotated[TaskService, Depends(_service)]
 
 
 # ---- models -------------------------------------------------------------------------------------

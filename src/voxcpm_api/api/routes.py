@@ -54,7 +54,7 @@ async def list_loras(service: ServiceDep) -> LoRAList:
 @protected.post("/synthesize", response_model=SubmitResponse | SyncResponse, tags=["synthesis"])
 async def synthesize(body: SynthesizeRequest, request: Request, service: ServiceDep) -> SubmitResponse | SyncResponse:
     """Async (default): returns a task_id at once. Sync: waits for the file without blocking the server."""
-    record = await service.submit(_to_input(body))
+    record = await service.submit(to_synthesis_input(body))
     return await _respond(service, record, body.async_mode, request)
 
 
@@ -76,7 +76,7 @@ async def synthesize_upload(
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
     data = await _read_capped(file, service.settings.max_upload_bytes)
-    record = await service.submit_upload(_to_input(body), file.filename or "", data)
+    record = await service.submit_upload(to_synthesis_input(body), file.filename or "", data)
     return await _respond(service, record, body.async_mode, request)
 
 
@@ -116,7 +116,8 @@ async def cleanup(service: ServiceDep, max_age_s: Annotated[float, Query(ge=0)] 
 # ---- shaping helpers --------------------------------------------------------------------------
 
 
-def _to_input(body: SynthesizeRequest) -> SynthesisInput:
+def to_synthesis_input(body: SynthesizeRequest) -> SynthesisInput:
+    """The service's input for a /synthesize-shaped body; a saved voice's defaults fill unset fields."""
     return SynthesisInput(text=body.text, lora_name=body.lora_name, cfg_scale=body.cfg_scale, steps=body.steps,
                           seed=body.seed, ref_audio_path=body.ref_audio_path, ref_text=body.ref_text,
                           response_format=body.response_format, normalize=body.normalize, voice=body.voice,

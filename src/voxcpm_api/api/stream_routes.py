@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import StreamingResponse
@@ -25,20 +25,14 @@ from starlette.types import Send
 from ..audio.streaming import StreamEncoder, TimeStretcher
 from ..domain import OutputFormat
 from ..errors import VoxError
-from ..tasks.service import SynthesisInput, TaskService
+from ..tasks.service import TaskService
 from ..tasks.stream import AudioStream
+from .routes import ServiceDep, to_synthesis_input
 from .schemas import SEED_MAX, SynthesizeRequest
 
 log = logging.getLogger("voxcpm_api.stream")
 
 router = APIRouter()
-
-
-def _service(request: Request) -> TaskService:
-    return request.app.state.service  # type: ignore[no-any-return]
-
-
-ServiceDep = Annotated[TaskService, Depends(_service)]
 
 
 class AudioStreamingResponse(StreamingResponse):
@@ -98,11 +92,7 @@ def stream_headers(stream: AudioStream, encoder: StreamEncoder) -> dict[str, str
 
 async def _respond(service: TaskService, body: SynthesizeRequest, arrived_at: float) -> AudioStreamingResponse:
     fmt = body.response_format.value
-    request = SynthesisInput(
-        text=body.text, lora_name=body.lora_name, cfg_scale=body.cfg_scale, steps=body.steps, seed=body.seed,
-        ref_audio_path=body.ref_audio_path, ref_text=body.ref_text, response_format=body.response_format,
-        normalize=body.normalize, voice=body.voice, explicit_fields=frozenset(body.model_fields_set))
-    sample_rate, stream = await service.open_stream(request, arrived_at=arrived_at)
+    sample_rate, stream = await service.open_stream(to_synthesis_input(body), arrived_at=arrived_at)
     first = await first_audio(stream)
     try:
         encoder = StreamEncoder(fmt, sample_rate)
