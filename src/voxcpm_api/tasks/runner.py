@@ -32,7 +32,7 @@ from ..audio.encoders import (FILE_EXTENSIONS, crossfade_concat, encode_audio, m
 from ..domain import EngineInfo, SynthesisParams
 from ..engine.base import ChunkRequest, Engine
 from ..errors import NotReady, TaskCancelled, VoxError
-from ..lora.catalog import LoRACatalog, check_adapter_fits, is_base_model_name
+from ..lora.catalog import AdapterSpec, LoRACatalog, check_adapter_fits, is_base_model_name
 from ..paths import audio_file_name
 from ..textsplit import split_text, voice_design_prefix
 from .events import Events, NullEvents
@@ -282,10 +282,7 @@ class EngineRunner:
         engine = self._engine
         assert engine is not None and engine.info is not None
         params = record.params
-        adapter = None
-        if not is_base_model_name(params.lora_name):
-            adapter = self._catalog.resolve(params.lora_name or "")
-            check_adapter_fits(adapter, engine.linear_shapes())
+        adapter = self._adapter_for(params, engine)
         chunks = self._plan_chunks(params.text, engine.info)
         progress = PatchProgress(
             [engine.expected_patches(c) for c in chunks],
@@ -303,13 +300,7 @@ class EngineRunner:
         pieces = []
         for index, chunk in enumerate(chunks):
             progress.start_chunk(index)
-            request = ChunkRequest(
-                text=chunk, adapter=adapter, cfg_scale=params.cfg_scale, steps=params.steps,
-                # chunk i is seeded with seed + i: a chunk's audio does not depend on scheduling
-                seed=(params.seed + index) % SEED_MODULUS,
-                ref_audio_path=params.ref_audio_path, ref_text=params.ref_text, normalize=params.normalize,
-            )
-            pieces.append(engine.generate(request, on_patch))
+            pieces.append(engine.generate(_chunk_request(params, adapter, index, chunk), on_patch))
         samples = crossfade_concat(pieces, engine.info.sample_rate_hz)
         return Synthesized(samples=samples, sample_rate_hz=engine.info.sample_rate_hz, num_patches=progress.done_total)
 
@@ -317,7 +308,6 @@ class EngineRunner:
 
     def stream(self, params: SynthesisParams, *, arrived_at: float | None = None) -> AudioStream:
         """Start a streamed synthesis of validated `params`; no task is stored (ADR 0005)."""
-        from ..errors import NotReady
         from .stream import AudioStream
 
         info = self.info
@@ -333,10 +323,7 @@ class EngineRunner:
 
         engine = self._engine
         assert engine is not None and engine.info is not None
-        adapter = None
-        if not is_base_model_name(params.lora_name):
-            adapter = self._catalog.resolve(params.lora_name or "")
-            check_adapter_fits(adapter, engine.linear_shapes())
+        adapter = self._adapter_for(params, engine)
         chunks = self._plan_chunks(params.text, engine.info)
         joiner = StreamCrossfader(engine.info.sample_rate_hz)  # the 40 ms crossfade tasks use, done live
 
@@ -354,12 +341,7 @@ class EngineRunner:
             if cancel.is_set():
                 raise ClientGone("the client went away")
             joiner.start_chunk(last=index == len(chunks) - 1)
-            request = ChunkRequest(
-                text=chunk, adapter=adapter, cfg_scale=params.cfg_scale, steps=params.steps,
-                seed=(params.seed + index) % SEED_MODULUS,  # as tasks: chunk i is seeded with seed + i
-                ref_audio_path=params.ref_audio_path, ref_text=params.ref_text, normalize=params.normalize,
-            )
-            patches += engine.generate_stream(request, on_audio)
+            patches += engine.generate_stream(_chunk_request(params, adapter, index, chunk), on_audio)
             ready = joiner.end_chunk()
             if ready.size:
                 emit(ready)
@@ -367,6 +349,14 @@ class EngineRunner:
         if rest.size:
             emit(rest)
         return patches
+
+    def _adapter_for(self, params: SynthesisParams, engine: Engine) -> AdapterSpec | None:
+        """Re-resolved at run time: the folder may have changed since the request was validated."""
+        if is_base_model_name(params.lora_name):
+            return None
+        adapter = self._catalog.resolve(params.lora_name or "")
+        check_adapter_fits(adapter, engine.linear_shapes())
+        return adapter
 
     def _plan_chunks(self, text: str, info: EngineInfo) -> list[str]:
         max_chars = self._config.chunk_max_chars
@@ -404,6 +394,16 @@ class EngineRunner:
     def _notify_done(self, task_id: str) -> None:
         for event in self._done_waiters.pop(task_id, []):
             event.set()
+
+
+def _chunk_request(params: SynthesisParams, adapter: AdapterSpec | None, index: int, chunk: str) -> ChunkRequest:
+    """Chunk `index` of a request, for tasks and streams alike."""
+    return ChunkRequest(
+        text=chunk, adapter=adapter, cfg_scale=params.cfg_scale, steps=params.steps,
+        # chunk i is seeded with seed + i: a chunk's audio does not depend on scheduling
+        seed=(params.seed + index) % SEED_MODULUS,
+        ref_audio_path=params.ref_audio_path, ref_text=params.ref_text, normalize=params.normalize,
+    )
 
 
 def file_sample_rate_hz(fmt: str, model_rate_hz: int) -> int:

@@ -123,12 +123,7 @@ class TaskService:
         if len(text) > self.settings.max_text_chars:
             raise InvalidInput(f"text is {len(text)} characters; the limit is {self.settings.max_text_chars} "
                                "(--max-text-chars)", field="text")
-        lora_name = None if is_base_model_name(request.lora_name) else request.lora_name
-        if lora_name is not None:
-            spec = self.catalog.resolve(lora_name)
-            shapes = self._linear_shapes()
-            if shapes is not None:
-                check_adapter_fits(spec, shapes)
+        lora_name = self.check_lora(request.lora_name)
         ref_path = self._resolve_reference(request)
         if request.ref_text is not None and ref_path is None:
             raise InvalidInput("ref_text was given without reference audio (ref_audio_path or an upload)",
@@ -145,6 +140,16 @@ class TaskService:
             ref_audio_path=str(ref_path) if ref_path else None, ref_text=request.ref_text,
             response_format=request.response_format, normalize=request.normalize, voice=request.voice,
         )
+
+    def check_lora(self, lora_name: str | None) -> str | None:
+        """None for the base model; else the name, once it resolves (404/403) and fits the model (422)."""
+        if is_base_model_name(lora_name):
+            return None
+        spec = self.catalog.resolve(lora_name or "")
+        shapes = self._linear_shapes()
+        if shapes is not None:
+            check_adapter_fits(spec, shapes)
+        return lora_name
 
     def _resolve_reference(self, request: SynthesisInput) -> Path | None:
         if request.uploaded_ref is not None:

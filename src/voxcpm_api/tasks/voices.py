@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING
 import soundfile as sf
 
 from ..errors import BadAudio, Conflict, FileMissing, InvalidInput, NotFound, NotReady, VoxError
-from ..lora.catalog import check_adapter_fits, is_base_model_name
 
 if TYPE_CHECKING:
     from .service import SynthesisInput, TaskService
@@ -365,7 +364,7 @@ class VoiceLibrary:
             raise Conflict(f"a voice named '{name}' already exists; delete it first (DELETE /voices/{name})",
                            field="name")
         transcript = self._check_transcript(transcript)
-        lora_name = await asyncio.to_thread(self._check_lora, lora_name)
+        lora_name = await asyncio.to_thread(self._service.check_lora, lora_name)
         cfg = _parse_number(cfg_scale, "cfg_scale", float)
         if cfg is not None and not (CFG_RANGE[0] < cfg <= CFG_RANGE[1]):
             raise InvalidInput(f"cfg_scale must be in ({CFG_RANGE[0]:g}, {CFG_RANGE[1]:g}]", field="cfg_scale")
@@ -410,15 +409,6 @@ class VoiceLibrary:
             raise InvalidInput("transcript is required: this model (VoxCPM 1.x) clones a voice from its audio plus "
                                "the exact words spoken in it", field="transcript")
         return None
-
-    def _check_lora(self, lora_name: str | None) -> str | None:
-        if lora_name is None or not lora_name.strip() or is_base_model_name(lora_name):
-            return None
-        spec = self._service.catalog.resolve(lora_name)  # 404 unknown, 403 outside, 422 malformed
-        shapes = self._service._linear_shapes()
-        if shapes is not None:
-            check_adapter_fits(spec, shapes)
-        return lora_name
 
     # ---- prompt features (engine owner only) ---------------------------------------------------
 
