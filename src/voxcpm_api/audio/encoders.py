@@ -41,8 +41,10 @@ __all__ = [
     "MP3_SAMPLE_RATES",
     "OPUS_SAMPLE_RATES",
     "SUPPORTED_FORMATS",
+    "check_format_and_rate",
     "crossfade_concat",
     "encode_audio",
+    "encoded_sample_rate_for",
     "mp3_sample_rate_for",
     "opus_sample_rate_for",
     "probe_duration_s",
@@ -114,6 +116,28 @@ def to_int16(samples: np.ndarray) -> np.ndarray:
     return np.rint(x * _INT16_SCALE).astype(np.int16)
 
 
+def check_format_and_rate(fmt: str, sample_rate_hz: int, allowed: tuple[str, ...] | frozenset[str],
+                          what: str) -> tuple[str, int]:
+    """(normalised format name, integer rate), or ValueError naming what was wrong."""
+    key = fmt.lower().strip() if isinstance(fmt, str) else fmt
+    if key not in allowed:
+        raise ValueError(f"unsupported {what} format {fmt!r}; expected one of {', '.join(allowed)}")
+    rate = int(sample_rate_hz)
+    if rate <= 0 or rate != sample_rate_hz:
+        raise ValueError(f"sample_rate_hz must be a positive integer, got {sample_rate_hz!r}")
+    return key, rate
+
+
+def encoded_sample_rate_for(fmt: str, sample_rate_hz: int) -> int:
+    """The rate a decoder reports for `fmt` audio made from `sample_rate_hz` samples (MP3 and Opus
+    accept only some rates and are resampled; the other formats keep the input rate)."""
+    if fmt == "mp3":
+        return mp3_sample_rate_for(sample_rate_hz)
+    if fmt == "opus":
+        return opus_sample_rate_for(sample_rate_hz)
+    return sample_rate_hz
+
+
 def _resample(x: np.ndarray, src_hz: int, dst_hz: int) -> np.ndarray:
     if src_hz == dst_hz or x.size == 0:
         return x
@@ -139,13 +163,7 @@ def encode_audio(samples: np.ndarray, sample_rate_hz: int, fmt: str) -> bytes:
     ``ValueError`` for an unknown format, a non-positive rate, or non-mono input.
     See the module docstring for the exact output of each format.
     """
-    key = fmt.lower().strip() if isinstance(fmt, str) else fmt
-    if key not in SUPPORTED_FORMATS:
-        raise ValueError(f"unsupported audio format {fmt!r}; expected one of {', '.join(SUPPORTED_FORMATS)}")
-    rate = int(sample_rate_hz)
-    if rate <= 0 or rate != sample_rate_hz:
-        raise ValueError(f"sample_rate_hz must be a positive integer, got {sample_rate_hz!r}")
-
+    key, rate = check_format_and_rate(fmt, sample_rate_hz, SUPPORTED_FORMATS, "audio")
     x = _as_mono_float32(samples)
 
     if key == "pcm":

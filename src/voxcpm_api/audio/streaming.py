@@ -44,7 +44,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from .encoders import MEDIA_TYPES, mp3_sample_rate_for, opus_sample_rate_for, to_int16
+from .encoders import MEDIA_TYPES, check_format_and_rate, encoded_sample_rate_for, to_int16
 
 __all__ = [
     "AAC_SAMPLE_RATES",
@@ -86,13 +86,9 @@ def aac_sample_rate_for(sample_rate_hz: int) -> int:
 
 def stream_sample_rate_for(fmt: str, sample_rate_hz: int) -> int:
     """The rate a client decodes from a ``fmt`` stream made from audio at ``sample_rate_hz``."""
-    if fmt == "mp3":
-        return mp3_sample_rate_for(sample_rate_hz)
-    if fmt == "opus":
-        return opus_sample_rate_for(sample_rate_hz)
     if fmt == "aac":
         return aac_sample_rate_for(sample_rate_hz)
-    return sample_rate_hz
+    return encoded_sample_rate_for(fmt, sample_rate_hz)
 
 
 class _Sink(io.RawIOBase):
@@ -123,12 +119,7 @@ class StreamEncoder:
     """Encode mono float audio incrementally; see the module docstring for each format."""
 
     def __init__(self, fmt: str, sample_rate_hz: int) -> None:
-        key = fmt.lower().strip() if isinstance(fmt, str) else fmt
-        if key not in STREAM_FORMATS:
-            raise ValueError(f"unsupported stream format {fmt!r}; expected one of {', '.join(STREAM_FORMATS)}")
-        rate = int(sample_rate_hz)
-        if rate <= 0 or rate != sample_rate_hz:
-            raise ValueError(f"sample_rate_hz must be a positive integer, got {sample_rate_hz!r}")
+        key, rate = check_format_and_rate(fmt, sample_rate_hz, STREAM_FORMATS, "stream")
         self.format: str = key
         self.input_sample_rate_hz = rate
         self.sample_rate_hz = stream_sample_rate_for(key, rate)  # what a decoder reports

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..audio.encoders import (FILE_EXTENSIONS, crossfade_concat, encode_audio, mp3_sample_rate_for,
-                              opus_sample_rate_for, write_atomic)
+from ..audio.encoders import (FILE_EXTENSIONS, crossfade_concat, encode_audio, encoded_sample_rate_for,
+                              write_atomic)
 from ..domain import EngineInfo, SynthesisParams
 from ..engine.base import ChunkRequest, Engine
 from ..errors import NotReady, TaskCancelled, VoxError
@@ -386,7 +386,7 @@ class EngineRunner:
                                          record.params.voice)
         await asyncio.to_thread(
             self._store.complete, record.task_id, audio_file=file_name,
-            sample_rate_hz=file_sample_rate_hz(fmt, synthesized.sample_rate_hz),
+            sample_rate_hz=encoded_sample_rate_for(fmt, synthesized.sample_rate_hz),
             duration_s=round(duration_s, 3), num_patches=synthesized.num_patches,
             message="Speech synthesized successfully",
         )
@@ -405,11 +405,3 @@ def _chunk_request(params: SynthesisParams, adapter: AdapterSpec | None, index: 
         ref_audio_path=params.ref_audio_path, ref_text=params.ref_text, normalize=params.normalize,
     )
 
-
-def file_sample_rate_hz(fmt: str, model_rate_hz: int) -> int:
-    """The rate of the written file: MP3 and Opus support only some rates (see audio/encoders.py)."""
-    if fmt == "opus":
-        return opus_sample_rate_for(model_rate_hz)
-    if fmt == "mp3":
-        return mp3_sample_rate_for(model_rate_hz)
-    return model_rate_hz
