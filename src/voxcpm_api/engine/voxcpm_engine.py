@@ -270,15 +270,7 @@ class VoxCPMEngine:
         handle = tts.stop_head.register_forward_hook(hook)
         try:
             torch.manual_seed(request.seed)  # what the official VoxCPM.generate caller does
-            wav, _tokens, _feats = tts.generate_with_prompt_cache(
-                target_text=text,
-                prompt_cache=prompt_cache,
-                min_len=OFFICIAL_MIN_LEN,
-                max_len=OFFICIAL_MAX_LEN,
-                inference_timesteps=request.steps,
-                cfg_value=request.cfg_scale,
-                retry_badcase=False,
-            )
+            wav, _tokens, _feats = tts.generate_with_prompt_cache(**_official_args(request, text, prompt_cache))
             audio = wav.squeeze(0).cpu().numpy()
         except errors.VoxError:  # TaskCancelled from on_patch, ...
             raise
@@ -306,15 +298,7 @@ class VoxCPMEngine:
         tts, text, prompt_cache = self._prepare(request)
         patches = 0
         torch.manual_seed(request.seed)  # what the official VoxCPM.generate caller does
-        stream = tts.generate_with_prompt_cache_streaming(
-            target_text=text,
-            prompt_cache=prompt_cache,
-            min_len=OFFICIAL_MIN_LEN,
-            max_len=OFFICIAL_MAX_LEN,
-            inference_timesteps=request.steps,
-            cfg_value=request.cfg_scale,
-            retry_badcase=False,
-        )
+        stream = tts.generate_with_prompt_cache_streaming(**_official_args(request, text, prompt_cache))
         try:
             while True:
                 try:
@@ -497,6 +481,13 @@ class VoxCPMEngine:
 # ---------------------------------------------------------------------------------------------- #
 # helpers
 # ---------------------------------------------------------------------------------------------- #
+
+
+def _official_args(request: ChunkRequest, text: str, prompt_cache: dict | None) -> dict[str, Any]:
+    """What VoxCPM.generate(..., retry_badcase=False) passes on, for both official entry points."""
+    return {"target_text": text, "prompt_cache": prompt_cache, "min_len": OFFICIAL_MIN_LEN,
+            "max_len": OFFICIAL_MAX_LEN, "inference_timesteps": request.steps, "cfg_value": request.cfg_scale,
+            "retry_badcase": False}
 
 
 def official_patch_cap(tokens: int) -> int:
