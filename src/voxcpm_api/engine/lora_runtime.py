@@ -191,47 +191,60 @@ class LoRARuntime:
     # ------------------------------------------------------------------ loading + validation
 
     def _load(self, spec: AdapterSpec, key: tuple) -> LoadedAdapter:
-        started = time.perf_counter()
-        shapes = self.linear_shapes()
-        if spec.module_shapes:
-            check_adapter_fits(spec, shapes)  # header-level check, before reading any tensor
-        state = _read_weights(spec)
-        pairs = _pair_tensors(spec.name, state)
-        module_shapes = {m: (tuple(a.shape), tuple(b.shape)) for m, (a, b) in pairs.items()}
-        ranks = {a.shape[0] for a, _ in pairs.values()}
-        if len(ranks) != 1:
-            raise AdapterMismatch(f"LoRA '{spec.name}' mixes ranks {sorted(ranks)}", field="lora_name")
-        rank = ranks.pop()
-        has_config = (Path(spec.directory) / CONFIG_NAME).is_file()
-        if has_config and rank != spec.rank:
+        loaded = load_adapter(spec, self._model, self.linear_shapes(), key=key)
+        self.last_load_s = loaded.load_s
+        return loaded
+
+
+def load_adapter(spec: AdapterSpec, model: nn.Module, shapes: Mapping[str, tuple[int, int]], *, key: tuple,
+                 device: torch.device | str | None = None) -> LoadedAdapter:
+    """Read and fully validate an adapter against `model` (keys, shapes, rank, finiteness).
+
+    Tensors come back in the target weights' dtype, on `device` (default: the weights' device).
+    Raises AdapterMismatch before anything else is touched.
+    """
+    started = time.perf_counter()
+    if spec.module_shapes:
+        check_adapter_fits(spec, shapes)  # header-level check, before reading any tensor
+    state = _read_weights(spec)
+    pairs = _pair_tensors(spec.name, state)
+    module_shapes = {m: (tuple(a.shape), tuple(b.shape)) for m, (a, b) in pairs.items()}
+    ranks = {a.shape[0] for a, _ in pairs.values()}
+    if len(ranks) != 1:
+        raise AdapterMismatch(f"LoRA '{spec.name}' mixes ranks {sorted(ranks)}", field="lora_name")
+    rank = ranks.pop()
+    has_config = (Path(spec.directory) / CONFIG_NAME).is_file()
+    if has_config and rank != spec.rank:
+        raise AdapterMismatch(
+            f"LoRA '{spec.name}': lora_config.json says r={spec.rank} but the weights have rank {rank}",
+            field="lora_name",
+        )
+    checked = dataclasses.replace(spec, rank=rank, module_shapes=module_shapes)
+    check_adapter_fits(checked, shapes)
+    if rank <= 0:
+        raise AdapterMismatch(f"LoRA '{spec.name}' has rank 0", field="lora_name")
+    scaling = spec.alpha / rank
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for path, (a, b) in pairs.items():
+        target = model.get_submodule(path)
+        if not hasattr(target, "weight") or not hasattr(target, "in_features") or type(target).__name__ not in (
+            "Linear", "SwitchableLinear", "MultiLoRALinear"
+        ):
             raise AdapterMismatch(
-                f"LoRA '{spec.name}': lora_config.json says r={spec.rank} but the weights have rank {rank}",
-                field="lora_name",
+                f"LoRA '{spec.name}' targets '{path}', which is not a plain linear layer here", field="lora_name"
             )
-        checked = dataclasses.replace(spec, rank=rank, module_shapes=module_shapes)
-        check_adapter_fits(checked, shapes)
-        if rank <= 0:
-            raise AdapterMismatch(f"LoRA '{spec.name}' has rank 0", field="lora_name")
-        scaling = spec.alpha / rank
-        modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for path, (a, b) in pairs.items():
-            target = self._model.get_submodule(path)
-            if not isinstance(target, (nn.Linear, SwitchableLinear)):
-                raise AdapterMismatch(
-                    f"LoRA '{spec.name}' targets '{path}', which is not a plain linear layer here", field="lora_name"
-                )
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise AdapterMismatch(f"LoRA '{spec.name}' has non-finite values in '{path}'", field="lora_name")
-            weight = target.weight
-            modules[path] = (
-                a.to(device=weight.device, dtype=weight.dtype).contiguous(),
-                b.to(device=weight.device, dtype=weight.dtype).contiguous(),
-                # the official LoRALinear keeps alpha/r in a float32 buffer cast with the model
-                torch.tensor(scaling).to(device=weight.device, dtype=weight.dtype),
-            )
-        elapsed = time.perf_counter() - started
-        self.last_load_s = elapsed
-        return LoadedAdapter(name=spec.name, key=key, rank=rank, scaling=scaling, modules=modules, load_s=elapsed)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterMismatch(f"LoRA '{spec.name}' has non-finite values in '{path}'", field="lora_name")
+        weight = target.weight
+        where = weight.device if device is None else device
+        modules[path] = (
+            a.to(device=where, dtype=weight.dtype).contiguous(),
+            b.to(device=where, dtype=weight.dtype).contiguous(),
+            # the official LoRALinear keeps alpha/r in a float32 buffer cast with the model
+            torch.tensor(scaling).to(device=where, dtype=weight.dtype),
+        )
+    elapsed = time.perf_counter() - started
+    return LoadedAdapter(name=spec.name, key=key, rank=rank, scaling=scaling, modules=modules, load_s=elapsed)
 
 
 def adapter_key(spec: AdapterSpec) -> tuple:

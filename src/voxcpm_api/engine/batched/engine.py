@@ -1,0 +1,577 @@
+"""`BatchedEngine`: many requests, many LoRAs, one decode step at a time (ADR 0006).
+
+Threads:
+* callers (the task runner's pool, one thread per row) call `generate`/`generate_stream`; each
+  call becomes a job, waits for its row, then decodes its own latents with the AudioVAE (decoding
+  is stateless, so rows decode in parallel off the loop thread);
+* one loop thread owns the model: it prepares jobs (the official prompt construction, prompt
+  features, adapter validation), admits them through the `Scheduler`, prefills them into row
+  slots, runs decode steps through `BatchedModel`, calls the rows' callbacks and ends rows.
+
+Sample-exactness with the official package: each job's model inputs are built by the official
+`generate_with_prompt_cache` itself (its `_inference` is intercepted, so tokenisation, prompt
+layout, masks and max_len are the official ones); prefill runs the official modules; each row
+draws its CFM noise from its own `torch.Generator` seeded with the request's seed, which yields
+the very numbers `torch.manual_seed(seed)` + the official `torch.randn` calls would (CPU), so a
+row's audio never depends on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import errors
+from ...domain import EngineInfo
+from ...lora.catalog import AdapterSpec, adapter_key_str
+from ..base import AudioCallback, ChunkRequest, EngineLoad, PatchCallback
+from ..lora_runtime import LoadedAdapter, load_adapter
+from ..voxcpm_engine import EngineConfig, VoxCPMEngine, _normalize_text, _official_args, _short
+from .model_runner import BatchedModel, Prefilled, RowInputs
+from .scheduler import RowRequest, Scheduler, TooLong, batch_bucket, batch_buckets_up_to
+
+log = logging.getLogger("voxcpm_api.engine.batched")
+IDLE_WAIT_S = 0.05
+
+
+@dataclass(frozen=True)
+class BatchedConfig:
+    model: str
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_rows: int = 16  # rows one decode step holds (static KV slots)
+    max_seq_len: int = 5120  # KV positions per row: prompt + generated patches
+    lora_slots: int = 8  # GPU-resident adapter slots
+    lora_cache_size: int = 16  # validated adapters kept in host memory
+    cuda_graphs: bool = True
+    cache_dir: Path = field(default_factory=lambda: EngineConfig(model="").cache_dir)
+    feature_cache_dir: Path | None = None
+    prompt_cache_size: int = 32
+    capture_attention_lens: tuple[int, ...] = (128, 256, 512)  # graphs captured at start-up
+    capture_solver_steps: int = 10
+
+
+class _Intercepted(Exception):
+    """Raised from the official `_inference` stand-in: carries the arguments it was called with."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__("intercepted")
+        self.call_args = args
+        self.call_kwargs = kwargs
+
+
+@dataclass
+class _Job:
+    request: ChunkRequest
+    on_patch: PatchCallback | None = None
+    on_audio: AudioCallback | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    latents: torch.Tensor | None = None  # (n, P, D) context + generated patches, when done
+    drop_patches: int = 0
+    patches: int = 0
+    # set once admitted
+    request_id: int = 0
+    inputs: RowInputs | None = None
+    adapter_key: str | None = None
+    adapter: LoadedAdapter | None = None
+    generator: torch.Generator | None = None
+    prefilled: Prefilled | None = None
+    max_len: int = 0
+    stream_state: Any = None
+
+
+class BatchedEngine:
+    def __init__(self, config: BatchedConfig) -> None:
+        self.config = config
+        self._inner = VoxCPMEngine(EngineConfig(
+            model=config.model, device=config.device, compile=False, cache_dir=config.cache_dir,
+            lora_cache_size=1, prompt_cache_size=config.prompt_cache_size,
+            feature_cache_dir=config.feature_cache_dir))
+        self._info: EngineInfo | None = None
+        self._model: BatchedModel | None = None
+        self._sched = Scheduler(config.max_rows, config.max_seq_len, config.lora_slots)
+        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._jobs: dict[int, _Job] = {}
+        self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # host copies, LRU
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._token_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._summary = EngineLoad(0, 0, config.max_rows, frozenset())
+        self._stream_vae: Any = None
+        self.stats_counters: dict[str, float] = {"steps": 0, "rows_stepped": 0, "prefills": 0, "adapter_slot_loads": 0,
+                                                 "oom_recoveries": 0}
+        self._step_ms: list[float] = []
+        self._switch_ms: list[float] = []
+        self.ready_s = 0.0
+
+    # ------------------------------------------------------------------ Engine protocol
+
+    @property
+    def info(self) -> EngineInfo | None:
+        return self._info
+
+    @property
+    def max_rows(self) -> int:
+        return self.config.max_rows
+
+    def load(self) -> EngineInfo:
+        if self._info is not None:
+            return self._info
+        started = time.perf_counter()
+        info = self._inner.load()
+        tts = self._inner.tts_model
+        self._shapes = dict(self._inner.linear_shapes())  # before any layer is wrapped
+        device = next(tts.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            self._model = BatchedModel(tts, info.architecture, self.config.max_rows, self.config.max_seq_len,
+                                       self.config.lora_slots, self.config.cuda_graphs)
+            if self._model.use_graphs:
+                lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
+                self._model.warm_up(batch_buckets_up_to(self.config.max_rows), lens, self.config.capture_solver_steps)
+        except torch.OutOfMemoryError as exc:
+            raise errors.EngineFailure(
+                f"not enough GPU memory for {self.config.max_rows} rows of {self.config.max_seq_len} positions "
+                f"({_short(exc)}); lower --max-concurrent or --max-seq-len") from exc
+        self._info = EngineInfo(model_id=info.model_id, architecture=info.architecture,
+                                sample_rate_hz=info.sample_rate_hz, patch_duration_s=info.patch_duration_s,
+                                device=str(device), needs_ref_text=info.needs_ref_text)
+        self._thread = threading.Thread(target=self._loop, name=f"batched-engine-{device}", daemon=True)
+        self._thread.start()
+        self.ready_s = time.perf_counter() - started
+        log.info("batched engine ready on %s in %.1f s: %d rows x %d positions, %d adapter slots, graphs=%s",
+                 device, self.ready_s, self.config.max_rows, self.config.max_seq_len, self.config.lora_slots,
+                 self._model.use_graphs)
+        return self._info
+
+    def linear_shapes(self) -> Mapping[str, tuple[int, int]]:
+        if self._info is None:
+            raise errors.NotReady("the model is not loaded yet")
+        return dict(self._shapes)
+
+    def expected_patches(self, text: str) -> int:
+        with self._token_lock:  # the tokenizer is not re-entrant
+            return self._inner.expected_patches(text)
+
+    def check_reference_audio(self, path: str) -> None:
+        self._inner.check_reference_audio(path)
+
+    def prepare_prompt(self, ref_audio_path: str, ref_text: str | None) -> None:
+        self._call_in_loop(lambda: self._inner.prepare_prompt(ref_audio_path, ref_text))
+
+    def generate(self, request: ChunkRequest, on_patch: PatchCallback) -> np.ndarray:
+        job = _Job(request, on_patch=on_patch)
+        self._run(job)
+        return self._decode(job)
+
+    def generate_stream(self, request: ChunkRequest, on_audio: AudioCallback) -> int:
+        job = _Job(request, on_audio=on_audio)
+        self._run(job)
+        return job.patches
+
+    def load_summary(self) -> EngineLoad:
+        with self._stats_lock:
+            return self._summary
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ adapters
+
+    def register_adapter(self, spec: AdapterSpec) -> float:
+        """Validate `spec`, keep it in host memory and (when a slot is free) on the device. Seconds taken."""
+        started = time.perf_counter()
+        self._call_in_loop(lambda: self._register(spec))
+        return time.perf_counter() - started
+
+    def unregister_adapter(self, spec: AdapterSpec) -> None:
+        """Drain: rows using it finish; new requests for it are refused until it is registered again."""
+        key = adapter_key_str(spec)
+
+        def drain() -> None:
+            self._sched.drain_adapter(key)
+            self._adapters.pop(key, None)
+        self._call_in_loop(drain)
+
+    def stats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            out: dict[str, Any] = dict(self.stats_counters)
+            out["step_ms_p50"] = float(np.median(self._step_ms)) if self._step_ms else None
+            out["adapter_switch_ms"] = float(np.median(self._switch_ms)) if self._switch_ms else None
+        out["graph_captures"] = self._model.graph_captures if self._model is not None else 0
+        out["ready_s"] = self.ready_s
+        return out
+
+    # ------------------------------------------------------------------ caller side
+
+    def _call_in_loop(self, fn: Callable[[], Any]) -> Any:
+        if self._info is None or self._thread is None:
+            raise errors.NotReady("the model is not loaded yet")
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+        self._inbox.put(run)
+        self._wake.set()
+        while not done.wait(0.5):
+            if self._closed.is_set():
+                raise errors.NotReady("the engine is shutting down")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def _run(self, job: _Job) -> None:
+        if self._info is None or self._thread is None:
+            raise errors.NotReady("the model is not loaded yet")
+        if self._closed.is_set():
+            raise errors.NotReady("the engine is shutting down")
+        self._inbox.put(lambda: self._accept(job))
+        self._wake.set()
+        while not job.done.wait(0.5):
+            if self._closed.is_set() and not self._thread.is_alive():
+                raise errors.NotReady("the engine stopped")
+        if job.error is not None:
+            raise job.error
+
+    @torch.inference_mode()
+    def _decode(self, job: _Job) -> np.ndarray:
+        """The official non-streaming decode of one row's latents, in the caller's thread."""
+        tts = self._inner.tts_model
+        latents = job.latents
+        assert latents is not None
+        try:
+            with torch.cuda.device(latents.device) if latents.device.type == "cuda" else _nullcontext():
+                feat = latents.unsqueeze(0).permute(0, 3, 1, 2).reshape(1, latents.shape[2], -1)  # (1, D, n * P)
+                audio = tts.audio_vae.decode(feat.to(torch.float32))
+                if job.drop_patches:
+                    audio = audio[..., self._drop_samples_per_patch() * job.drop_patches:]
+                samples = audio.reshape(-1).float().cpu().numpy()
+        except torch.OutOfMemoryError as exc:
+            raise errors.EngineFailure(f"GPU out of memory while decoding the audio ({_short(exc)}); retry") from exc
+        except Exception as exc:
+            raise errors.EngineFailure(f"decoding the audio failed: {_short(exc)}") from exc
+        return np.ascontiguousarray(samples, dtype=np.float32)
+
+    def _drop_samples_per_patch(self) -> int:
+        tts = self._inner.tts_model
+        if self._info is not None and self._info.architecture == "voxcpm2":
+            return int(tts.patch_size * getattr(tts, "_decode_chunk_size", tts.chunk_size))
+        return int(tts.patch_size * tts.chunk_size)
+
+    # ------------------------------------------------------------------ loop thread
+
+    def _loop(self) -> None:
+        model = self._model
+        assert model is not None
+        if model.device.type == "cuda":
+            torch.cuda.set_device(model.device)
+        with torch.inference_mode():
+            while not self._closed.is_set():
+                try:
+                    self._drain_inbox()
+                    self._admit()
+                    if self._sched.running:
+                        self._decode_step()
+                    else:
+                        self._publish()
+                        self._wake.wait(IDLE_WAIT_S)
+                        self._wake.clear()
+                except Exception:  # never let the loop die: fail what is running, keep serving
+                    log.exception("batched engine loop error")
+                    self._fail_running(errors.EngineFailure("internal engine error; the request was stopped"))
+        self._fail_everything(errors.NotReady("the engine is shutting down"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            item()
+
+    def _accept(self, job: _Job) -> None:
+        """Official inputs, prompt features, adapter: everything that can fail before a row is taken."""
+        request = job.request
+        try:
+            job.inputs = self._official_inputs(request)
+            if request.adapter is not None:
+                job.adapter_key = adapter_key_str(request.adapter)
+                if self._sched.is_draining(job.adapter_key):
+                    raise errors.AdapterMismatch(
+                        f"LoRA '{request.adapter.name}' is being unloaded from this engine; retry shortly",
+                        field="lora_name")
+                job.adapter = self._host_adapter(request.adapter)
+            job.max_len = int(request.max_patches) if request.max_patches else job.inputs.max_len
+            job.request_id = self._sched.new_id()
+            self._sched.submit(RowRequest(job.request_id, job.adapter_key, int(job.inputs.text.shape[1]),
+                                          job.max_len, job.inputs.steps))
+        except TooLong as exc:
+            self._end(job, errors.InvalidInput(str(exc), field="text"))
+            return
+        except errors.VoxError as exc:
+            self._end(job, exc)
+            return
+        except Exception as exc:
+            self._end(job, errors.EngineFailure(f"could not prepare the generation: {_short(exc)}"))
+            return
+        self._jobs[job.request_id] = job
+
+    def _official_inputs(self, request: ChunkRequest) -> RowInputs:
+        """Run the official generate_with_prompt_cache up to its `_inference` call and keep the arguments."""
+        if not isinstance(request.text, str) or not request.text.strip():
+            raise errors.InvalidInput("text must be a non-empty string", field="text")
+        text = _normalize_text(request.text)
+        if request.normalize:
+            text = self._inner._text_normalizer().normalize(text)
+        prompt_cache = self._inner._prompt_cache_for(request)
+        tts = self._inner.tts_model
+
+        def intercept(*args: Any, **kwargs: Any) -> Any:
+            raise _Intercepted(args, kwargs)
+        tts._inference = intercept  # instance attribute shadows the method; only this thread touches it
+        try:
+            with self._token_lock:
+                tts.generate_with_prompt_cache(**_official_args(request, text, prompt_cache))
+        except _Intercepted as call:
+            names = ("text", "text_mask", "feat", "feat_mask")
+            values = dict(zip(names, call.call_args)) | call.call_kwargs
+            return RowInputs(text=values["text"], text_mask=values["text_mask"], feat=values["feat"],
+                             feat_mask=values["feat_mask"], min_len=int(values["min_len"]),
+                             max_len=int(values["max_len"]), steps=int(values["inference_timesteps"]),
+                             cfg_value=float(values["cfg_value"]))
+        finally:
+            del tts._inference
+        raise errors.EngineFailure("the official package did not reach its inference step")
+
+    def _host_adapter(self, spec: AdapterSpec) -> LoadedAdapter:
+        key = adapter_key_str(spec)
+        loaded = self._adapters.get(key)
+        if loaded is None:
+            tts = self._inner.tts_model
+            loaded = load_adapter(spec, tts, self._shapes, key=(key,), device="cpu")
+            self._adapters[key] = loaded
+            while len(self._adapters) > max(1, self.config.lora_cache_size):
+                self._adapters.popitem(last=False)
+        else:
+            self._adapters.move_to_end(key)
+        return loaded
+
+    def _register(self, spec: AdapterSpec) -> None:
+        key = adapter_key_str(spec)
+        self._sched.adapters.draining.discard(key)
+        loaded = self._host_adapter(spec)
+        placed = self._sched.adapters.place_idle(key)
+        if placed is not None:
+            slot, _evicted = placed
+            self._load_slot(slot, loaded)
+
+    def _load_slot(self, slot: int, adapter: LoadedAdapter) -> None:
+        assert self._model is not None
+        started = time.perf_counter()
+        version = self._model.lora.version
+        self._model.lora.load(slot, adapter)
+        if self._model.lora.version != version:
+            self._model.drop_graphs()
+        if self._model.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        with self._stats_lock:
+            self._switch_ms.append((time.perf_counter() - started) * 1000)
+            self._switch_ms = self._switch_ms[-200:]
+            self.stats_counters["adapter_slot_loads"] += 1
+
+    def _admit(self) -> None:
+        model = self._model
+        assert model is not None
+        for admission in self._sched.admit():
+            job = self._jobs[admission.request.request_id]
+            try:
+                if admission.load_adapter and job.adapter is not None and admission.adapter_slot is not None:
+                    self._load_slot(admission.adapter_slot, job.adapter)
+                assert job.inputs is not None
+                job.prefilled = model.prefill(admission.row_slot, job.inputs, admission.adapter_slot)
+                job.generator = torch.Generator(device="cpu").manual_seed(int(job.request.seed))
+                if job.on_audio is not None:
+                    job.stream_state = self._new_stream_state(job)
+                self.stats_counters["prefills"] += 1
+            except torch.OutOfMemoryError as exc:
+                self._recover_oom()
+                self._finish(job, errors.EngineFailure(f"GPU out of memory while reading the prompt ({_short(exc)}); "
+                                                       "retry, or send a shorter text/reference"))
+            except errors.VoxError as exc:
+                self._finish(job, exc)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._finish(job, errors.EngineFailure(f"generation failed: {_short(exc)}"))
+
+    def _decode_step(self) -> None:
+        model = self._model
+        assert model is not None
+        slots = self._sched.row_slots()
+        rows = batch_bucket(self._sched.batch_rows(), self.config.max_rows) if model.use_graphs \
+            else self._sched.batch_rows()
+        noise = torch.zeros(rows, model.feat_dim, model.patch, dtype=torch.float32)
+        for rid, slot in slots.items():
+            # the official CFM draws torch.randn((b, feat_dim, patch)) once per patch
+            noise[slot] = torch.randn((1, model.feat_dim, model.patch), generator=self._jobs[rid].generator,
+                                      dtype=torch.float32)[0]
+        started = time.perf_counter()
+        try:
+            model.noise[:rows].copy_(noise.to(model.dtype), non_blocking=False)
+            model.step(rows, self._sched.attention_len(), self._sched.solver_steps(), self._sched.uses_adapters())
+            stops = model.out_stop[:rows].tolist()
+        except torch.OutOfMemoryError as exc:
+            self._recover_oom()
+            self._fail_running(errors.EngineFailure(
+                f"GPU out of memory while decoding {len(slots)} rows ({_short(exc)}); lower --max-concurrent"))
+            return
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        with self._stats_lock:
+            self.stats_counters["steps"] += 1
+            self.stats_counters["rows_stepped"] += len(slots)
+            self._step_ms.append(elapsed_ms)
+            self._step_ms = self._step_ms[-500:]
+        self._sched.advance(slots)
+        for rid, slot in slots.items():
+            job = self._jobs[rid]
+            job.patches += 1
+            index = job.patches - 1
+            try:
+                if job.on_audio is not None:
+                    job.on_audio(self._stream_patch(job, slot))
+                if job.on_patch is not None:
+                    job.on_patch()
+            except BaseException as exc:  # TaskCancelled, ClientGone, ...: this row alone ends
+                self._finish(job, exc if isinstance(exc, Exception) else errors.TaskCancelled("stopped"))
+                continue
+            prefilled = job.prefilled
+            assert prefilled is not None and job.inputs is not None
+            if (index > job.inputs.min_len and stops[slot] == 1) or job.patches >= job.max_len:
+                generated = model.latents[slot, : job.patches].clone()
+                context = prefilled.context
+                job.latents = torch.cat([torch.stack(context), generated]) if context else generated
+                job.drop_patches = prefilled.context_len
+                self._finish(job, None)
+        self._publish()
+
+    # ------------------------------------------------------------------ streaming decode (loop thread)
+
+    def _new_stream_state(self, job: _Job) -> Any:
+        prefilled = job.prefilled
+        assert prefilled is not None
+        if self._info is not None and self._info.architecture == "voxcpm2":
+            from voxcpm.modules.audiovae.audio_vae_v2 import StreamingVAEDecoder
+
+            if self._stream_vae is None:
+                # The official streaming decoder patches the VAE's conv modules while it runs; a private
+                # copy keeps that away from the rows decoding whole files in caller threads.
+                self._stream_vae = copy.deepcopy(self._inner.tts_model.audio_vae)
+            return StreamingVAEDecoder(self._stream_vae)
+        return list(prefilled.context)  # VoxCPM 1.x: the window of recent patches
+
+    def _stream_patch(self, job: _Job, slot: int) -> np.ndarray:
+        """This row's newest patch as audio, exactly as the official streaming generator yields it."""
+        model = self._model
+        assert model is not None
+        pred = model.out_feat[slot]  # (P, D)
+        if self._info is not None and self._info.architecture == "voxcpm2":
+            decoder = job.stream_state
+            latent = pred.t().unsqueeze(0).to(torch.float32)  # (1, D, P)
+            decoder._install()
+            try:
+                audio = decoder.decode_chunk(latent)
+            finally:
+                decoder._restore()
+            return np.ascontiguousarray(audio.reshape(-1).float().cpu().numpy(), dtype=np.float32)
+        window: list[torch.Tensor] = job.stream_state
+        window.append(pred.clone())
+        del window[:-3]  # VoxCPMModel's streaming_prefix_len
+        feat = torch.stack(window).permute(2, 0, 1).reshape(1, pred.shape[1], -1)  # (1, D, n * P)
+        audio = self._inner.tts_model.audio_vae.decode(feat.to(torch.float32))
+        samples = audio[..., -self._drop_samples_per_patch():]
+        return np.ascontiguousarray(samples.reshape(-1).float().cpu().numpy(), dtype=np.float32)
+
+    # ------------------------------------------------------------------ ending rows
+
+    def _finish(self, job: _Job, error: BaseException | None) -> None:
+        if job.request_id in self._jobs:
+            self._jobs.pop(job.request_id, None)
+            if self._sched.is_running(job.request_id):
+                self._sched.finish(job.request_id)
+            else:
+                self._sched.cancel_waiting(job.request_id)
+        self._end(job, error)
+
+    @staticmethod
+    def _end(job: _Job, error: BaseException | None) -> None:
+        job.error = error
+        job.stream_state = None
+        job.done.set()
+
+    def _fail_running(self, error: BaseException) -> None:
+        for rid in self._sched.running_ids():
+            job = self._jobs.get(rid)
+            if job is not None:
+                self._finish(job, error)
+            else:
+                self._sched.finish(rid)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        self._fail_running(error)
+        for job in list(self._jobs.values()):
+            self._finish(job, error)
+        while True:
+            try:
+                self._inbox.get_nowait()
+            except queue.Empty:
+                break
+
+    def _recover_oom(self) -> None:
+        with self._stats_lock:
+            self.stats_counters["oom_recoveries"] += 1
+        if self._model is not None:
+            self._model.drop_graphs()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _publish(self) -> None:
+        summary = EngineLoad(self._sched.running, self._sched.waiting, self.config.max_rows,
+                             self._sched.adapters.resident())
+        with self._stats_lock:
+            self._summary = summary
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def default_rows_for_device(device: str) -> int:
+    return 64 if device.startswith("cuda") else int(os.environ.get("VOXCPM_CPU_ROWS", "8"))

@@ -1,0 +1,380 @@
+"""The batched forward passes over the official VoxCPM modules and weights (ADR 0006).
+
+The only file of the batched engine that moves tensors between CPU and device.
+
+State lives in static per-row-slot buffers (row slot = index into every tensor below), so a
+decode step over rows [0, B) is a fixed sequence of kernels over fixed addresses, which is what
+CUDA graphs need:
+
+    kv_base  (layers, 2, S, kv_heads, slot_len, head_dim)   the text-semantic LM's KV cache
+    kv_res   (layers, 2, S, kv_heads, slot_len, head_dim)   the residual acoustic LM's KV cache
+    lm_h, res_h (S, H)          last hidden states of both LMs
+    cond     (S, P, D)          the previous patch (the DiT's prefix condition)
+    pos      (S,)               next KV position of each row
+    noise    (S, D, P)          this step's initial CFM noise, drawn per row from the row's generator
+    t_tab, dt_tab (S, N)        each row's Euler times/steps (rows with fewer steps get dt = 0)
+    zero_tab (S, N)             True where the official solver uses dphi = 0 (cfg-zero-star init)
+    cfg      (S, 1, 1)          each row's guidance value
+    adapter  (S,)               each row's adapter slot (SlotWeights.base_index = none)
+    latents  (S, max_patches, P, D)   every patch each row has generated
+
+Prefill runs one request at a time through the official modules' own `forward` (exactly the
+official prefill) and copies its KV into the row's slot. A decode step replicates the official
+loop body (`VoxCPMModel._inference` / `VoxCPM2Model._inference`) for many rows at once:
+per-row positions and attention masks over the slot caches, per-row noise, per-row solver steps
+and cfg. Rows never see each other: every op is row-wise except the shared weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from voxcpm.modules.minicpm4.model import apply_rotary_pos_emb
+
+from .multi_lora import LoRAContext, SlotWeights
+from .scheduler import attention_bucket
+
+log = logging.getLogger("voxcpm_api.engine.batched")
+
+
+@dataclass(frozen=True)
+class RowInputs:
+    """What the official `_generate_with_prompt_cache` hands to `_inference` for one request."""
+
+    text: torch.Tensor  # (1, T) token ids
+    text_mask: torch.Tensor  # (1, T)
+    feat: torch.Tensor  # (1, T, P, D) model dtype
+    feat_mask: torch.Tensor  # (1, T)
+    min_len: int
+    max_len: int
+    steps: int
+    cfg_value: float
+
+
+@dataclass
+class Prefilled:
+    prompt_len: int  # positions written into the KV slot
+    context: list[torch.Tensor]  # prompt patches the official decode prepends, each (P, D)
+    context_len: int  # leading decoded patches the official output drops (see trim_samples)
+    has_prompt_audio: bool
+
+
+class BatchedModel:
+    def __init__(self, tts: Any, architecture: str, max_rows: int, slot_len: int, lora_slots: int,
+                 cuda_graphs: bool) -> None:
+        self.tts = tts
+        self.v2 = architecture == "voxcpm2"
+        self.device = next(tts.parameters()).device
+        self.dtype = next(tts.base_lm.parameters()).dtype
+        self.max_rows = max_rows
+        self.slot_len = slot_len
+        self.patch = int(tts.patch_size)
+        self.feat_dim = int(tts.feat_dim)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.lora_context = LoRAContext()
+        self.lora = SlotWeights(tts, max(1, lora_slots), self.lora_context)
+        self.estimator = tts.feat_decoder.estimator
+        self.mean_mode = bool(tts.feat_decoder.mean_mode)
+        self.max_solver_steps = 0
+        lm_cfg = tts.config.lm_config
+        self.scale_emb = float(lm_cfg.scale_emb) if lm_cfg.use_mup else 1.0
+        self._graphs: dict[tuple, Any] = {}
+        self._graph_pool: Any = None
+        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.graph_captures = 0
+        self._allocate(16)
+
+    # ------------------------------------------------------------------ buffers
+
+    def _kv(self, lm: Any) -> torch.Tensor:
+        cfg = lm.config
+        head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+        return torch.zeros(cfg.num_hidden_layers, 2, self.max_rows, cfg.num_key_value_heads, self.slot_len,
+                           head_dim, device=self.device, dtype=self.dtype)
+
+    def _allocate(self, solver_steps: int) -> None:
+        S, P, D, dev, dt = self.max_rows, self.patch, self.feat_dim, self.device, self.dtype
+        hidden = self.tts.config.lm_config.hidden_size
+        self.kv_base = self._kv(self.tts.base_lm)
+        self.kv_res = self._kv(self.tts.residual_lm)
+        self.lm_h = torch.zeros(S, hidden, device=dev, dtype=dt)
+        self.res_h = torch.zeros(S, hidden, device=dev, dtype=dt)
+        self.cond = torch.zeros(S, P, D, device=dev, dtype=dt)
+        self.pos = torch.zeros(S, device=dev, dtype=torch.long)
+        self.noise = torch.zeros(S, D, P, device=dev, dtype=dt)
+        self.cfg = torch.ones(S, 1, 1, device=dev, dtype=dt)
+        self.adapter = torch.full((S,), self.lora.base_index, device=dev, dtype=torch.long)
+        self.patch_idx = torch.zeros(S, device=dev, dtype=torch.long)
+        self.latents = torch.zeros(S, self.slot_len, P, D, device=dev, dtype=dt)
+        self.out_feat = torch.zeros(S, P, D, device=dev, dtype=dt)
+        self.out_stop = torch.zeros(S, device=dev, dtype=torch.long)
+        self._resize_schedule(solver_steps)
+
+    def _resize_schedule(self, steps: int) -> None:
+        """(Re)allocate the per-row Euler tables for up to `steps` solver steps."""
+        if steps <= self.max_solver_steps:
+            return
+        S, dev, dt = self.max_rows, self.device, self.dtype
+        old = (self.t_tab, self.dt_tab, self.zero_tab) if self.max_solver_steps else None
+        self.t_tab = torch.zeros(S, steps, device=dev, dtype=dt)
+        self.dt_tab = torch.zeros(S, steps, device=dev, dtype=dt)
+        self.zero_tab = torch.ones(S, steps, device=dev, dtype=torch.bool)
+        if old is not None:
+            n = old[0].shape[1]
+            self.t_tab[:, :n], self.dt_tab[:, :n], self.zero_tab[:, :n] = old
+        self.max_solver_steps = steps
+        self._graphs.clear()  # they captured the old tables' addresses
+
+    def kv_bytes_per_row(self) -> int:
+        per = self.kv_base[:, :, 0].numel() + self.kv_res[:, :, 0].numel()
+        return per * self.kv_base.element_size() + self.latents[0].numel() * self.latents.element_size()
+
+    # ------------------------------------------------------------------ the official Euler schedule
+
+    def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t, dt and the zero-init flags of `UnifiedCFM.solve_euler` for `steps` steps, computed with the
+        same tensor ops in the same dtype and device, so each row's times equal the official ones."""
+        cached = self._schedules.get(steps)
+        if cached is not None:
+            return cached
+        dev, dt_type = self.device, self.dtype
+        t_span = torch.linspace(1, 0, steps + 1, device=dev, dtype=dt_type)
+        sway = 1.0  # UnifiedCFM.forward's default sway_sampling_coef, which _inference keeps
+        t_span = t_span + sway * (torch.cos(torch.pi / 2 * t_span) - 1 + t_span)
+        t, dt = t_span[0], t_span[0] - t_span[1]
+        zero_init_steps = max(1, int(len(t_span) * 0.04))
+        ts, dts, zeros = [], [], []
+        for step in range(1, len(t_span)):
+            ts.append(t)
+            dts.append(dt)
+            zeros.append(step <= zero_init_steps)
+            t = t - dt
+            if step < len(t_span) - 1:
+                dt = t - t_span[step + 1]
+        cached = (torch.stack(ts), torch.stack(dts), torch.tensor(zeros, device=dev))
+        self._schedules[steps] = cached
+        return cached
+
+    # ------------------------------------------------------------------ prefill (one request)
+
+    def _lora_rows(self, slots: torch.Tensor | None) -> None:
+        """Point the wrapped layers at these rows' adapters (None = no adapter in this call)."""
+        self.lora_context.mask = None if slots is None else self.lora.scale_table[slots]
+
+    @torch.inference_mode()
+    def prefill(self, row: int, inputs: RowInputs, adapter_slot: int | None, seed_noise: None = None) -> Prefilled:
+        """The part of the official `_inference` before its loop, for one request, into row slot `row`."""
+        tts = self.tts
+        text, text_mask, feat, feat_mask = inputs.text, inputs.text_mask, inputs.feat, inputs.feat_mask
+        slot_index = None if adapter_slot is None else torch.tensor([adapter_slot], device=self.device)
+        self._lora_rows(slot_index)
+        try:
+            feat_embed = tts.feat_encoder(feat)  # (1, T, H_enc)
+            feat_embed = tts.enc_to_lm_proj(feat_embed)
+            text_embed = tts.base_lm.embed_tokens(text) * self.scale_emb
+            combined = text_mask.unsqueeze(-1) * text_embed + feat_mask.unsqueeze(-1) * feat_embed
+            prefix_cond = feat[:, -1, ...]  # (1, P, D)
+            enc_out, kv = tts.base_lm(inputs_embeds=combined, is_causal=True)
+            enc_out = tts.fsq_layer(enc_out) * feat_mask.unsqueeze(-1) + enc_out * text_mask.unsqueeze(-1)
+            lm_hidden = enc_out[:, -1, :]
+            if self.v2:
+                res_in = tts.fusion_concat_proj(torch.cat((enc_out, feat_mask.unsqueeze(-1) * feat_embed), dim=-1))
+            else:
+                res_in = enc_out + feat_mask.unsqueeze(-1) * feat_embed
+            res_out, res_kv = tts.residual_lm(inputs_embeds=res_in, is_causal=True)
+            res_hidden = res_out[:, -1, :]
+        finally:
+            self._lora_rows(None)
+        length = text.shape[1]
+        for layer, (k, v) in enumerate(kv):
+            self.kv_base[layer, 0, row, :, :length] = k[0]
+            self.kv_base[layer, 1, row, :, :length] = v[0]
+        for layer, (k, v) in enumerate(res_kv):
+            self.kv_res[layer, 0, row, :, :length] = k[0]
+            self.kv_res[layer, 1, row, :, :length] = v[0]
+        self.lm_h[row] = lm_hidden[0]
+        self.res_h[row] = res_hidden[0]
+        self.cond[row] = prefix_cond[0]
+        self.pos[row] = length
+        self.patch_idx[row] = 0
+        self.cfg[row] = inputs.cfg_value
+        self.adapter[row] = self.lora.base_index if adapter_slot is None else adapter_slot
+        self._resize_schedule(inputs.steps)
+        ts, dts, zeros = self._schedule(inputs.steps)
+        self.t_tab[row].zero_()
+        self.dt_tab[row].zero_()  # rows with fewer steps than the batch: dt = 0 leaves x unchanged
+        self.zero_tab[row].fill_(True)
+        self.t_tab[row, : inputs.steps] = ts
+        self.dt_tab[row, : inputs.steps] = dts
+        self.zero_tab[row, : inputs.steps] = zeros
+        return self._context(feat, feat_mask, length)
+
+    def _context(self, feat: torch.Tensor, feat_mask: torch.Tensor, length: int) -> Prefilled:
+        """Prompt patches the official decode prepends (streaming_prefix_len - 1 of them at most) and how
+        many leading patches of decoded audio it then drops."""
+        mask = feat_mask[0]
+        if self.v2:
+            prefix_len = 4  # VoxCPM2Model._generate_with_prompt_cache's streaming_prefix_len default
+            has_audio = bool(mask[-1].item() == 1)
+            if not has_audio:
+                return Prefilled(length, [], 0, bool(mask.sum().item() > 0))
+            indices = mask.nonzero(as_tuple=True)[0]
+            context_len = min(prefix_len - 1, len(indices))
+            patches = [feat[0, i] for i in indices[-context_len:].tolist()]
+            return Prefilled(length, patches, context_len, True)
+        prefix_len = 3  # VoxCPMModel._generate_with_prompt_cache's streaming_prefix_len default
+        audio_count = int(mask.sum().item())
+        if audio_count == 0:
+            return Prefilled(length, [], 0, False)
+        context_len = min(prefix_len - 1, audio_count)
+        patches = [feat[0, -context_len + i] for i in range(context_len)]
+        # VoxCPM 1.x drops (streaming_prefix_len - 1) patches of audio whenever the prompt has audio
+        return Prefilled(length, patches, prefix_len - 1, True)
+
+    # ------------------------------------------------------------------ one decode step
+
+    def _lm_step(self, lm: Any, kv: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, att_len: int) -> torch.Tensor:
+        """`MiniCPMModel.forward_step` for B rows at their own positions. x: (B, H) -> (B, H)."""
+        rows = x.shape[0]
+        cfg = lm.config
+        if lm.rope_emb is not None:
+            cos, sin = lm.rope_emb(pos)  # (B, head_dim)
+            cos, sin = cos.view(rows, 1, 1, -1), sin.view(rows, 1, 1, -1)
+        row_ids = torch.arange(rows, device=x.device)
+        mask = (torch.arange(att_len, device=x.device).view(1, -1) <= pos.view(-1, 1)).view(rows, 1, 1, att_len)
+        depth = cfg.scale_depth / math.sqrt(cfg.num_hidden_layers) if cfg.use_mup else None
+        for index, layer in enumerate(lm.layers):
+            attn = layer.self_attn
+            residual = x
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(rows, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+            if lm.rope_emb is not None:
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k_cache = kv[index, 0, :rows]  # (B, kv_heads, slot_len, head_dim)
+            v_cache = kv[index, 1, :rows]
+            k_cache[row_ids, :, pos] = k[:, :, 0]
+            v_cache[row_ids, :, pos] = v[:, :, 0]
+            out = F.scaled_dot_product_attention(q.contiguous(), k_cache[:, :, :att_len], v_cache[:, :, :att_len],
+                                                 attn_mask=mask, enable_gqa=True)
+            out = attn.o_proj(out.transpose(1, 2).reshape(rows, attn.num_heads * attn.head_dim))
+            x = residual + (out * depth if depth is not None else out)
+            residual = x
+            h = layer.mlp(layer.post_attention_layernorm(x))
+            x = residual + (h * depth if depth is not None else h)
+        return lm.norm(x)
+
+    def _step_body(self, rows: int, att_len: int, solver_steps: int, with_lora: bool) -> None:
+        """One patch for rows [0, rows): the official loop body, batched. Reads and writes the buffers."""
+        tts = self.tts
+        adapter_rows = self.lora.scale_table[self.adapter[:rows]] if with_lora else None
+        lm_h, res_h = self.lm_h[:rows], self.res_h[:rows]
+        self.lora_context.mask = adapter_rows
+        if self.v2:
+            mu = torch.cat((tts.lm_to_dit_proj(lm_h), tts.res_to_dit_proj(res_h)), dim=-1)
+        else:
+            mu = tts.lm_to_dit_proj(lm_h) + tts.res_to_dit_proj(res_h)
+        # --- UnifiedCFM.solve_euler with per-row times, cfg and step counts
+        x = self.noise[:rows]  # (B, D, P)
+        cond = self.cond[:rows].transpose(1, 2).contiguous()
+        cond_in = torch.cat((cond, cond))
+        mu_in = torch.cat((mu, torch.zeros_like(mu)))
+        cfg = self.cfg[:rows]
+        self.lora_context.mask = None if adapter_rows is None else torch.cat((adapter_rows, adapter_rows))
+        for k in range(solver_steps):
+            t, dt = self.t_tab[:rows, k], self.dt_tab[:rows, k]
+            if k == 0:
+                # the official first step always uses dphi = 0 (zero_init_steps >= 1): x stays as it is
+                continue
+            t_in = torch.cat((t, t))
+            dt_in = torch.cat((dt, dt)) if self.mean_mode else torch.zeros_like(t_in)
+            out = self.estimator(torch.cat((x, x)), mu_in, t_in, cond_in, dt_in)
+            pos_v, neg_v = out[:rows], out[rows:]
+            pos_flat, neg_flat = pos_v.reshape(rows, -1), neg_v.reshape(rows, -1)
+            dot = torch.sum(pos_flat * neg_flat, dim=1, keepdim=True)
+            norm = torch.sum(neg_flat**2, dim=1, keepdim=True) + 1e-8
+            st_star = (dot / norm).view(rows, 1, 1)
+            dphi = neg_v * st_star + cfg * (pos_v - neg_v * st_star)
+            dphi = torch.where(self.zero_tab[:rows, k].view(rows, 1, 1), torch.zeros_like(dphi), dphi)
+            x = x - dt.view(rows, 1, 1) * dphi
+        pred = x.transpose(1, 2)  # (B, P, D)
+        # --- feedback, stop decision and both LM steps
+        self.lora_context.mask = adapter_rows
+        row_ids = torch.arange(rows, device=x.device)
+        self.latents[row_ids, self.patch_idx[:rows]] = pred
+        self.out_feat[:rows] = pred
+        emb = tts.enc_to_lm_proj(tts.feat_encoder(pred.unsqueeze(1)))[:, 0, :]  # (B, H)
+        self.out_stop[:rows] = tts.stop_head(tts.stop_actn(tts.stop_proj(lm_h))).argmax(dim=-1)
+        pos = self.pos[:rows]
+        new_lm = tts.fsq_layer(self._lm_step(tts.base_lm, self.kv_base, emb, pos, att_len))
+        if self.v2:
+            res_in = tts.fusion_concat_proj(torch.cat((new_lm, emb), dim=-1))
+        else:
+            res_in = new_lm + emb
+        new_res = self._lm_step(tts.residual_lm, self.kv_res, res_in, pos, att_len)
+        self.lm_h[:rows] = new_lm
+        self.res_h[:rows] = new_res
+        self.cond[:rows] = pred
+        self.pos[:rows] = torch.clamp(pos + 1, max=self.slot_len - 1)
+        self.patch_idx[:rows] = torch.clamp(self.patch_idx[:rows] + 1, max=self.slot_len - 1)
+        self.lora_context.mask = None
+
+    @torch.inference_mode()
+    def step(self, rows: int, att_positions: int, solver_steps: int, with_lora: bool) -> None:
+        """Run one decode step for rows [0, rows) (caller filled `noise`); results in out_feat/out_stop."""
+        att_len = attention_bucket(att_positions, self.slot_len)
+        if not self.use_graphs:
+            self._step_body(rows, att_len, solver_steps, with_lora)
+            return
+        key = (rows, att_len, solver_steps, with_lora, self.lora.version)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(rows, att_len, solver_steps, with_lora)
+            self._graphs[key] = graph
+        graph.replay()
+
+    def _capture(self, rows: int, att_len: int, solver_steps: int, with_lora: bool) -> Any:
+        """Capture one decode step. The warm-up and capture runs change the row buffers, so they are
+        saved and restored around it: capturing never disturbs rows in flight."""
+        saved = {name: getattr(self, name)[:rows].clone() for name in self._mutable}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step_body(rows, att_len, solver_steps, with_lora)  # warm-up: lazy inits off the graph
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            self._step_body(rows, att_len, solver_steps, with_lora)
+        for name, value in saved.items():
+            getattr(self, name)[:rows].copy_(value)
+        self._restore_kv(rows)
+        self.graph_captures += 1
+        return graph
+
+    _mutable = ("lm_h", "res_h", "cond", "pos", "patch_idx", "latents", "out_feat", "out_stop")
+
+    def _restore_kv(self, rows: int) -> None:
+        # A step writes one KV position per row (at pos, which was restored above); those positions are
+        # beyond each row's valid length, so nothing needs undoing there: the next real step rewrites them.
+        return None
+
+    def warm_up(self, batch_sizes: list[int], att_lens: list[int], solver_steps: int) -> None:
+        """Capture the common graphs now (start-up), so first requests do not pay for capture."""
+        if not self.use_graphs:
+            return
+        self._resize_schedule(solver_steps)
+        for rows in batch_sizes:
+            for att_len in att_lens:
+                self.step(rows, att_len, solver_steps, with_lora=False)
+        torch.cuda.synchronize()
+
+    def drop_graphs(self) -> None:
+        self._graphs.clear()

@@ -1,0 +1,158 @@
+"""Per-row LoRA inside one batched forward pass (ADR 0006).
+
+Every linear layer some adapter targets is replaced by `MultiLoRALinear`, which keeps the very
+same weight/bias Parameters and holds the A and B matrices of all GPU adapter slots side by side:
+
+    A_cat: (S * r_cap, in)     slot s owns rows    [s * r_cap, s * r_cap + r_s)
+    B_cat: (out, S * r_cap)    slot s owns columns [s * r_cap, s * r_cap + r_s)
+
+A row of the batch picks its slot through a mask (N, S * r_cap) that holds the slot's
+`alpha / r` on the slot's r_cap columns and 0 elsewhere (all zeros for base-model rows):
+
+    y = x W^T + b + ((x A_cat^T) * mask) B_cat^T
+
+For a row of slot s this is x W^T + b + (x A_s^T * scaling_s) B_s^T: the official LoRALinear's
+arithmetic up to float rounding (the scaling is applied before B instead of after; zero padding
+adds exact zeros). For a base row the mask is 0, the added term is exactly 0 and y equals the plain
+layer bit for bit. Ranks up to r_cap, alphas and target sets may all differ between slots: an
+adapter that does not target a layer leaves its block of that layer zero.
+
+peft cannot do this: its LoRA layers hold one set of active adapters for the whole forward call,
+not one per row (peft's mixed-batch `adapter_names` path loops over sub-batches, which breaks
+CUDA-graph capture and costs one extra launch per adapter per layer).
+
+The mask is read from `LoRAContext`, which the runner sets before each module call (rows of the
+LM, the 2 x rows of the CFG-doubled DiT, ...). All tensors are static buffers, so the whole step
+can be captured in a CUDA graph; a new rank cap or a newly targeted layer re-allocates buffers
+and bumps `version`, which invalidates captured graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRAContext:
+    """The per-row mask the wrapped layers read. None = no adapter anywhere in this call."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None  # (N, S * r_cap) or (1, S * r_cap) broadcast over rows
+
+
+class MultiLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, context: LoRAContext) -> None:
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        if base.bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = base.bias
+        self.context = context
+        self.lora_a: torch.Tensor | None = None  # (S * r_cap, in)
+        self.lora_b: torch.Tensor | None = None  # (out, S * r_cap)
+
+    def allocate(self, slots: int, rank_cap: int) -> None:
+        w = self.weight
+        self.lora_a = torch.zeros(slots * rank_cap, self.in_features, device=w.device, dtype=w.dtype)
+        self.lora_b = torch.zeros(self.out_features, slots * rank_cap, device=w.device, dtype=w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, self.bias)
+        mask = self.context.mask
+        if mask is None or self.lora_a is None:
+            return result
+        hidden = F.linear(x, self.lora_a)  # (N, ..., S * r_cap)
+        if mask.shape[0] != 1 and x.dim() > 2:
+            mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
+        return result + F.linear(hidden * mask, self.lora_b)
+
+    def extra_repr(self) -> str:
+        slots = "none" if self.lora_a is None else str(self.lora_a.shape[0])
+        return f"in_features={self.in_features}, out_features={self.out_features}, lora_rows={slots}"
+
+
+class SlotWeights:
+    """Owns the wrappers of one model and the slot contents; the scheduler decides slot numbers."""
+
+    def __init__(self, model: nn.Module, slots: int, context: LoRAContext, rank_cap: int = 8) -> None:
+        self.model = model
+        self.slots = slots
+        self.context = context
+        self.rank_cap = rank_cap
+        self.wrappers: dict[str, MultiLoRALinear] = {}
+        self.version = 0  # bumped whenever buffers are (re)allocated: captured graphs are stale
+        self._contents: dict[int, object] = {}  # slot -> LoadedAdapter now in it
+        param = next(model.parameters())
+        # scale_table[s] is the mask row of slot s; the last row (index `slots`) is all zeros (base model)
+        self.scale_table = torch.zeros(slots + 1, max(1, slots * rank_cap), device=param.device, dtype=param.dtype)
+
+    @property
+    def base_index(self) -> int:
+        return self.slots
+
+    def load(self, slot: int, adapter: object) -> None:
+        """Copy a validated LoadedAdapter (lora_runtime) into `slot` of every wrapper."""
+        rank = int(adapter.rank)  # type: ignore[attr-defined]
+        modules = adapter.modules  # type: ignore[attr-defined]
+        grow = rank > self.rank_cap
+        new_paths = [p for p in modules if p not in self.wrappers]
+        if grow or new_paths:
+            if grow:
+                while self.rank_cap < rank:
+                    self.rank_cap *= 2
+            for path in new_paths:
+                self._wrap(path)
+            self._reallocate()
+        self._write(slot, adapter)
+
+    def clear(self, slot: int) -> None:
+        self._contents.pop(slot, None)
+        self._write(slot, None)
+
+    def _wrap(self, path: str) -> None:
+        module = self.model.get_submodule(path)
+        if isinstance(module, MultiLoRALinear):
+            self.wrappers[path] = module
+            return
+        parent_path, _, leaf = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        wrapper = MultiLoRALinear(module, self.context)
+        setattr(parent, leaf, wrapper)
+        self.wrappers[path] = wrapper
+
+    def _reallocate(self) -> None:
+        for wrapper in self.wrappers.values():
+            wrapper.allocate(self.slots, self.rank_cap)
+        param = self.scale_table
+        self.scale_table = torch.zeros(self.slots + 1, self.slots * self.rank_cap, device=param.device,
+                                       dtype=param.dtype)
+        self.version += 1
+        for slot, adapter in list(self._contents.items()):
+            self._write(slot, adapter)
+
+    @torch.no_grad()
+    def _write(self, slot: int, adapter: object | None) -> None:
+        cap = self.rank_cap
+        lo, hi = slot * cap, (slot + 1) * cap
+        modules = adapter.modules if adapter is not None else {}  # type: ignore[attr-defined]
+        for path, wrapper in self.wrappers.items():
+            assert wrapper.lora_a is not None and wrapper.lora_b is not None
+            wrapper.lora_a[lo:hi].zero_()
+            wrapper.lora_b[:, lo:hi].zero_()
+            pair = modules.get(path)
+            if pair is None:
+                continue
+            a, b, _scaling = pair
+            r = a.shape[0]
+            wrapper.lora_a[lo:lo + r].copy_(a)
+            wrapper.lora_b[:, lo:lo + r].copy_(b)
+        self.scale_table[slot].zero_()
+        if adapter is not None:
+            # the official LoRALinear multiplies by alpha/r held in the model dtype
+            scaling = torch.tensor(float(adapter.scaling)).to(self.scale_table.dtype)  # type: ignore[attr-defined]
+            self.scale_table[slot, lo:hi] = scaling
+            self._contents[slot] = adapter
