@@ -18,7 +18,6 @@ row's audio never depends on its batch-mates.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import queue
@@ -488,8 +487,13 @@ class BatchedEngine:
 
             if self._stream_vae is None:
                 # The official streaming decoder patches the VAE's conv modules while it runs; a private
-                # copy keeps that away from the rows decoding whole files in caller threads.
-                self._stream_vae = copy.deepcopy(self._inner.tts_model.audio_vae)
+                # copy keeps that away from the rows decoding whole files in caller threads. (deepcopy
+                # cannot copy weight-normed modules: build a twin from the config, then load the weights.)
+                vae = self._inner.tts_model.audio_vae
+                twin = type(vae)(config=self._inner.tts_model.config.audio_vae_config)
+                twin.load_state_dict(vae.state_dict())
+                param = next(vae.parameters())
+                self._stream_vae = twin.to(device=param.device, dtype=param.dtype).eval()
             return StreamingVAEDecoder(self._stream_vae)
         return list(prefilled.context)  # VoxCPM 1.x: the window of recent patches
 
