@@ -66,7 +66,7 @@ class Prefilled:
 
 class BatchedModel:
     def __init__(self, tts: Any, architecture: str, max_rows: int, slot_len: int, lora_slots: int,
-                 cuda_graphs: bool) -> None:
+                 cuda_graphs: bool, compile_dit: bool = False) -> None:
         self.tts = tts
         self.v2 = architecture == "voxcpm2"
         self.device = next(tts.parameters()).device
@@ -79,6 +79,13 @@ class BatchedModel:
         self.lora_context = LoRAContext()
         self.lora = SlotWeights(tts, max(1, lora_slots), self.lora_context)
         self.estimator = tts.feat_decoder.estimator
+        self.feat_encoder = tts.feat_encoder
+        if compile_dit and self.device.type == "cuda":
+            # The DiT solve is most of a step and its kernels are many and small: let inductor fuse the
+            # estimator and the local encoder (pure functions of their inputs; the batch dim is dynamic,
+            # so one compile serves every bucket). Our CUDA graphs then capture the compiled kernels.
+            self.estimator = torch.compile(self.estimator, dynamic=True, fullgraph=False)
+            self.feat_encoder = torch.compile(self.feat_encoder, dynamic=True, fullgraph=False)
         self.mean_mode = bool(tts.feat_decoder.mean_mode)
         self.max_solver_steps = 0
         lm_cfg = tts.config.lm_config
@@ -128,7 +135,7 @@ class BatchedModel:
             n = old[0].shape[1]
             self.t_tab[:, :n], self.dt_tab[:, :n], self.zero_tab[:, :n] = old
         self.max_solver_steps = steps
-        self._graphs.clear()  # they captured the old tables' addresses
+        self.drop_graphs()  # they captured the old tables' addresses
 
     def kv_bytes_per_row(self) -> int:
         per = self.kv_base[:, :, 0].numel() + self.kv_res[:, :, 0].numel()
@@ -167,52 +174,70 @@ class BatchedModel:
         self.lora_context.mask = None if slots is None else self.lora.scale_table[slots]
 
     @torch.inference_mode()
-    def prefill(self, row: int, inputs: RowInputs, adapter_slot: int | None, seed_noise: None = None) -> Prefilled:
-        """The part of the official `_inference` before its loop, for one request, into row slot `row`."""
+    def prefill(self, items: list[tuple[int, RowInputs, int | None]]) -> list[Prefilled]:
+        """The part of the official `_inference` before its loop, for several requests at once.
+
+        items: (row slot, inputs, adapter slot or None). Prompts are right-padded to the longest one:
+        every layer before the loop is causal or works per patch, so padding after a prompt never
+        changes that prompt's positions, and each row keeps only its own positions.
+        """
         tts = self.tts
-        text, text_mask, feat, feat_mask = inputs.text, inputs.text_mask, inputs.feat, inputs.feat_mask
-        slot_index = None if adapter_slot is None else torch.tensor([adapter_slot], device=self.device)
-        self._lora_rows(slot_index)
+        lengths = [int(inputs.text.shape[1]) for _, inputs, _ in items]
+        rows, longest = len(items), max(lengths)
+        first = items[0][1]
+        text = torch.zeros(rows, longest, dtype=first.text.dtype, device=self.device)
+        text_mask = torch.zeros(rows, longest, dtype=first.text_mask.dtype, device=self.device)
+        feat = torch.zeros(rows, longest, *first.feat.shape[2:], dtype=first.feat.dtype, device=self.device)
+        feat_mask = torch.zeros(rows, longest, dtype=first.feat_mask.dtype, device=self.device)
+        for i, (_, inputs, _) in enumerate(items):
+            n = lengths[i]
+            text[i, :n], text_mask[i, :n] = inputs.text[0], inputs.text_mask[0]
+            feat[i, :n], feat_mask[i, :n] = inputs.feat[0], inputs.feat_mask[0]
+        adapters = [self.lora.base_index if slot is None else slot for _, _, slot in items]
+        with_lora = any(slot is not None for _, _, slot in items)
+        self._lora_rows(torch.tensor(adapters, device=self.device) if with_lora else None)
         try:
-            feat_embed = tts.feat_encoder(feat)  # (1, T, H_enc)
-            feat_embed = tts.enc_to_lm_proj(feat_embed)
+            feat_embed = tts.enc_to_lm_proj(tts.feat_encoder(feat))  # (B, T, H)
             text_embed = tts.base_lm.embed_tokens(text) * self.scale_emb
             combined = text_mask.unsqueeze(-1) * text_embed + feat_mask.unsqueeze(-1) * feat_embed
-            prefix_cond = feat[:, -1, ...]  # (1, P, D)
             enc_out, kv = tts.base_lm(inputs_embeds=combined, is_causal=True)
             enc_out = tts.fsq_layer(enc_out) * feat_mask.unsqueeze(-1) + enc_out * text_mask.unsqueeze(-1)
-            lm_hidden = enc_out[:, -1, :]
             if self.v2:
                 res_in = tts.fusion_concat_proj(torch.cat((enc_out, feat_mask.unsqueeze(-1) * feat_embed), dim=-1))
             else:
                 res_in = enc_out + feat_mask.unsqueeze(-1) * feat_embed
             res_out, res_kv = tts.residual_lm(inputs_embeds=res_in, is_causal=True)
-            res_hidden = res_out[:, -1, :]
         finally:
             self._lora_rows(None)
-        length = text.shape[1]
-        for layer, (k, v) in enumerate(kv):
-            self.kv_base[layer, 0, row, :, :length] = k[0]
-            self.kv_base[layer, 1, row, :, :length] = v[0]
-        for layer, (k, v) in enumerate(res_kv):
-            self.kv_res[layer, 0, row, :, :length] = k[0]
-            self.kv_res[layer, 1, row, :, :length] = v[0]
-        self.lm_h[row] = lm_hidden[0]
-        self.res_h[row] = res_hidden[0]
-        self.cond[row] = prefix_cond[0]
-        self.pos[row] = length
-        self.patch_idx[row] = 0
-        self.cfg[row] = inputs.cfg_value
-        self.adapter[row] = self.lora.base_index if adapter_slot is None else adapter_slot
-        self._resize_schedule(inputs.steps)
-        ts, dts, zeros = self._schedule(inputs.steps)
+        results = []
+        for i, (row, inputs, adapter_slot) in enumerate(items):
+            n = lengths[i]
+            for layer, (k, v) in enumerate(kv):
+                self.kv_base[layer, 0, row, :, :n] = k[i, :, :n]
+                self.kv_base[layer, 1, row, :, :n] = v[i, :, :n]
+            for layer, (k, v) in enumerate(res_kv):
+                self.kv_res[layer, 0, row, :, :n] = k[i, :, :n]
+                self.kv_res[layer, 1, row, :, :n] = v[i, :, :n]
+            self.lm_h[row] = enc_out[i, n - 1]
+            self.res_h[row] = res_out[i, n - 1]
+            self.cond[row] = inputs.feat[0, -1]  # the official prefix_feat_cond: the prompt's last patch
+            self.pos[row] = n
+            self.patch_idx[row] = 0
+            self.cfg[row] = inputs.cfg_value
+            self.adapter[row] = adapters[i]
+            self._set_schedule(row, inputs.steps)
+            results.append(self._context(inputs.feat, inputs.feat_mask, n))
+        return results
+
+    def _set_schedule(self, row: int, steps: int) -> None:
+        self._resize_schedule(steps)
+        ts, dts, zeros = self._schedule(steps)
         self.t_tab[row].zero_()
         self.dt_tab[row].zero_()  # rows with fewer steps than the batch: dt = 0 leaves x unchanged
         self.zero_tab[row].fill_(True)
-        self.t_tab[row, : inputs.steps] = ts
-        self.dt_tab[row, : inputs.steps] = dts
-        self.zero_tab[row, : inputs.steps] = zeros
-        return self._context(feat, feat_mask, length)
+        self.t_tab[row, :steps] = ts
+        self.dt_tab[row, :steps] = dts
+        self.zero_tab[row, :steps] = zeros
 
     def _context(self, feat: torch.Tensor, feat_mask: torch.Tensor, length: int) -> Prefilled:
         """Prompt patches the official decode prepends (streaming_prefix_len - 1 of them at most) and how
@@ -309,7 +334,7 @@ class BatchedModel:
         row_ids = torch.arange(rows, device=x.device)
         self.latents[row_ids, self.patch_idx[:rows]] = pred
         self.out_feat[:rows] = pred
-        emb = tts.enc_to_lm_proj(tts.feat_encoder(pred.unsqueeze(1)))[:, 0, :]  # (B, H)
+        emb = tts.enc_to_lm_proj(self.feat_encoder(pred.unsqueeze(1)))[:, 0, :]  # (B, H)
         self.out_stop[:rows] = tts.stop_head(tts.stop_actn(tts.stop_proj(lm_h))).argmax(dim=-1)
         pos = self.pos[:rows]
         new_lm = tts.fsq_layer(self._lm_step(tts.base_lm, self.kv_base, emb, pos, att_len))
@@ -377,4 +402,7 @@ class BatchedModel:
         torch.cuda.synchronize()
 
     def drop_graphs(self) -> None:
+        """Forget every captured step (buffers moved). The memory pool goes with them: capturing into a
+        pool whose graphs were all freed trips an allocator assertion, so the next capture starts a new one."""
         self._graphs.clear()
+        self._graph_pool = None

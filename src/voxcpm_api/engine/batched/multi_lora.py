@@ -66,8 +66,12 @@ class MultiLoRALinear(nn.Module):
         if mask is None or self.lora_a is None:
             return result
         hidden = F.linear(x, self.lora_a)  # (N, ..., S * r_cap)
-        if mask.shape[0] != 1 and x.dim() > 2:
-            mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
+        if mask.shape[0] != 1:
+            if mask.shape[0] != x.shape[0]:
+                # rows flattened with their time steps, e.g. the local encoder's (B * T, P, H) in a prefill
+                mask = mask.repeat_interleave(x.shape[0] // mask.shape[0], dim=0)
+            if x.dim() > 2:
+                mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
         return result + F.linear(hidden * mask, self.lora_b)
 
     def extra_repr(self) -> str:
