@@ -44,6 +44,7 @@ from .scheduler import RowRequest, Scheduler, TooLong, batch_bucket, batch_bucke
 log = logging.getLogger("voxcpm_api.engine.batched")
 IDLE_WAIT_S = 0.05
 PREFILL_TOKENS = 8192  # padded prompt positions per batched prefill
+DECODE_AUDIO_S_PER_CALL = 120.0  # padded audio seconds per batched AudioVAE decode (bounds its memory)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class _Job:
     on_audio: AudioCallback | None = None
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    latents: torch.Tensor | None = None  # (n, P, D) context + generated patches, when done
+    latents: torch.Tensor | None = None  # (n, P, D) context + generated patches, when generated
+    samples: np.ndarray | None = None  # the decoded audio, when done
     drop_patches: int = 0
     patches: int = 0
     # set once admitted
@@ -107,6 +109,8 @@ class BatchedEngine:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._decoder: threading.Thread | None = None
+        self._decode_q: queue.Queue[_Job] = queue.Queue()
         self._jobs: dict[int, _Job] = {}
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # host copies, LRU
         self._shapes: dict[str, tuple[int, int]] = {}
@@ -155,6 +159,8 @@ class BatchedEngine:
                                 device=str(device), needs_ref_text=info.needs_ref_text)
         self._thread = threading.Thread(target=self._loop, name=f"batched-engine-{device}", daemon=True)
         self._thread.start()
+        self._decoder = threading.Thread(target=self._decode_loop, name=f"batched-decode-{device}", daemon=True)
+        self._decoder.start()
         self.ready_s = time.perf_counter() - started
         log.info("batched engine ready on %s in %.1f s: %d rows x %d positions, %d adapter slots, graphs=%s",
                  device, self.ready_s, self.config.max_rows, self.config.max_seq_len, self.config.lora_slots,
@@ -179,7 +185,8 @@ class BatchedEngine:
     def generate(self, request: ChunkRequest, on_patch: PatchCallback) -> np.ndarray:
         job = _Job(request, on_patch=on_patch)
         self._run(job)
-        return self._decode(job)
+        assert job.samples is not None
+        return job.samples
 
     def generate_stream(self, request: ChunkRequest, on_audio: AudioCallback) -> int:
         job = _Job(request, on_audio=on_audio)
@@ -193,8 +200,9 @@ class BatchedEngine:
     def close(self) -> None:
         self._closed.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for thread in (self._thread, self._decoder):
+            if thread is not None:
+                thread.join(timeout=30)
 
     # ------------------------------------------------------------------ adapters
 
@@ -259,24 +267,60 @@ class BatchedEngine:
         if job.error is not None:
             raise job.error
 
+    def _decode_loop(self) -> None:
+        """Decode thread: finished rows' latents -> audio, several rows per AudioVAE call.
+
+        The decoders are causal (left-padded convolutions, right-trimmed transposed convolutions), so
+        latents right-padded to the longest row of a group give each row exactly its own audio at the
+        front; groups bound the padding (similar lengths) and the memory (audio seconds per call).
+        Running here, decoding overlaps the loop thread's decode steps instead of stalling them."""
+        model = self._model
+        assert model is not None
+        if model.device.type == "cuda":
+            torch.cuda.set_device(model.device)
+        while not self._closed.is_set():
+            try:
+                jobs = [self._decode_q.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while True:
+                try:
+                    jobs.append(self._decode_q.get_nowait())
+                except queue.Empty:
+                    break
+            for group in _decode_groups(jobs, self._max_decode_patches()):
+                self._decode_group(group)
+
+    def _max_decode_patches(self) -> int:
+        assert self._info is not None
+        return max(1, int(DECODE_AUDIO_S_PER_CALL / self._info.patch_duration_s))
+
     @torch.inference_mode()
-    def _decode(self, job: _Job) -> np.ndarray:
-        """The official non-streaming decode of one row's latents, in the caller's thread."""
+    def _decode_group(self, jobs: list[_Job]) -> None:
         tts = self._inner.tts_model
-        latents = job.latents
-        assert latents is not None
         try:
-            with torch.cuda.device(latents.device) if latents.device.type == "cuda" else _nullcontext():
-                feat = latents.unsqueeze(0).permute(0, 3, 1, 2).reshape(1, latents.shape[2], -1)  # (1, D, n * P)
-                audio = tts.audio_vae.decode(feat.to(torch.float32))
-                if job.drop_patches:
-                    audio = audio[..., self._drop_samples_per_patch() * job.drop_patches:]
-                samples = audio.reshape(-1).float().cpu().numpy()
+            lengths = [int(job.latents.shape[0]) for job in jobs]  # type: ignore[union-attr]
+            first = jobs[0].latents
+            assert first is not None
+            padded = torch.zeros(len(jobs), max(lengths), *first.shape[1:], dtype=first.dtype, device=first.device)
+            for i, job in enumerate(jobs):
+                padded[i, : lengths[i]] = job.latents
+            feat = padded.permute(0, 3, 1, 2).reshape(len(jobs), first.shape[2], -1)  # (B, D, n * P): "b t p d -> b d (t p)"
+            audio = tts.audio_vae.decode(feat.to(torch.float32)).reshape(len(jobs), -1)
+            per_patch = audio.shape[1] // max(lengths)
+            drop = self._drop_samples_per_patch()
+            host = audio.float().cpu().numpy()
+            for i, job in enumerate(jobs):
+                row = host[i, : lengths[i] * per_patch]
+                job.samples = np.ascontiguousarray(row[drop * job.drop_patches:], dtype=np.float32)
+                self._end(job, None)
         except torch.OutOfMemoryError as exc:
-            raise errors.EngineFailure(f"GPU out of memory while decoding the audio ({_short(exc)}); retry") from exc
+            for job in jobs:
+                self._end(job, errors.EngineFailure(f"GPU out of memory while decoding the audio ({_short(exc)}); retry"))
         except Exception as exc:
-            raise errors.EngineFailure(f"decoding the audio failed: {_short(exc)}") from exc
-        return np.ascontiguousarray(samples, dtype=np.float32)
+            log.exception("decoding failed")
+            for job in jobs:
+                self._end(job, errors.EngineFailure(f"decoding the audio failed: {_short(exc)}"))
 
     def _drop_samples_per_patch(self) -> int:
         tts = self._inner.tts_model
@@ -503,7 +547,11 @@ class BatchedEngine:
                 context = prefilled.context
                 job.latents = torch.cat([torch.stack(context), generated]) if context else generated
                 job.drop_patches = prefilled.context_len
-                self._finish(job, None)
+                self._release(job)
+                if job.on_audio is not None:
+                    self._end(job, None)  # streamed: its audio went out patch by patch
+                else:
+                    self._decode_q.put(job)
         self._publish()
 
     # ------------------------------------------------------------------ streaming decode (loop thread)
@@ -551,13 +599,17 @@ class BatchedEngine:
     # ------------------------------------------------------------------ ending rows
 
     def _finish(self, job: _Job, error: BaseException | None) -> None:
+        self._release(job)
+        self._end(job, error)
+
+    def _release(self, job: _Job) -> None:
+        """Give the row's slots back (the job itself may still be decoding)."""
         if job.request_id in self._jobs:
             self._jobs.pop(job.request_id, None)
             if self._sched.is_running(job.request_id):
                 self._sched.finish(job.request_id)
             else:
                 self._sched.cancel_waiting(job.request_id)
-        self._end(job, error)
 
     @staticmethod
     def _end(job: _Job, error: BaseException | None) -> None:
@@ -598,12 +650,19 @@ class BatchedEngine:
             self._summary = summary
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def _decode_groups(jobs: list[_Job], max_patches: int) -> list[list[_Job]]:
+    """Rows of similar length (padding at most a third) and bounded padded size, shortest first."""
+    groups: list[list[_Job]] = []
+    for job in sorted(jobs, key=lambda j: int(j.latents.shape[0])):  # type: ignore[union-attr]
+        length = int(job.latents.shape[0])  # type: ignore[union-attr]
+        if groups:
+            group = groups[-1]
+            shortest = int(group[0].latents.shape[0])  # type: ignore[union-attr]
+            if length * 3 <= shortest * 4 and length * (len(group) + 1) <= max_patches:
+                group.append(job)
+                continue
+        groups.append([job])
+    return groups
 
 
 def default_rows_for_device(device: str) -> int:
