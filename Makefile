@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-$(shell cat requirements_api.txt requirements-dev.txt | s
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench venv system-deps clean
+.PHONY: serve test bench bench-engine venv system-deps clean
 
 venv: $(STAMP)
 
@@ -43,3 +43,8 @@ clean:
 
 bench: venv
 	$(VPY) bench/bench_service.py
+
+# Official package vs our batched engine on one GPU; e.g. make bench-engine ARGS='--model voxcpm2'
+# (CPU smoke test: ARGS='--model voxcpm1.5 --tiny --device cpu --out-dir /tmp/benchtest')
+bench-engine: venv
+	$(VPY) bench/bench_engine.py $(ARGS)

@@ -34,9 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output-dir", type=Path, help="audio files and the task database (default ./api_outputs)")
     add("--ref-audio-dir", type=Path, action="append",
         help="allowed root for reference audio; repeatable (default ./reference_audio)")
-    add("--device", help="auto | cpu | cuda | cuda:N")
-    add("--compile", action="store_true", default=None, help="torch.compile on CUDA (slow start)")
-    add("--max-concurrent", type=int, help="tasks processed at once (default 2)")
+    add("--device", help="auto | cpu | cuda | cuda:N: one engine on this device (--devices wins when both are given)")
+    add("--devices", help="where the engines run: auto (every visible GPU, else cpu; default), a comma list "
+        "such as 0,1 or cuda:0,cuda:1 (one batched engine per GPU), or cpu")
+    add("--engine", choices=["batched", "official"],
+        help="batched: many requests share each decode step (default); official: the official package's "
+        "sequential generation, one request at a time")
+    add("--compile", action="store_true", default=None, help="torch.compile on CUDA, --engine official (slow start)")
+    add("--max-concurrent", type=int,
+        help="tasks and streams generating at once = batch rows, spread over the devices (default: 16 per "
+        "device for --engine batched; 2 for --engine official, which overlaps one generation with encoding)")
+    add("--lora-cache-size", type=int,
+        help="validated LoRA adapters kept in memory, least recently used dropped first (default 8)")
+    add("--lora-slots", type=int, help="GPU-resident LoRA adapter slots per engine, --engine batched (default 8)")
+    add("--max-seq-len", type=int,
+        help="KV-cache positions per batch row (prompt + generated), --engine batched (default 5120)")
+    add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+        help="capture the batched decode step as CUDA graphs (default on; --no-cuda-graphs to debug)")
     add("--max-queue", type=int, help="pending tasks before 429 (default 1000)")
     add("--max-text-chars", type=int, help="longest accepted text (default 5000)")
     add("--max-upload-bytes", type=int, help="largest uploaded reference audio or saved voice (default 20 MiB)")
@@ -124,6 +138,11 @@ def lan_addresses() -> list[str]:
     return sorted(a for a in addresses if not a.startswith("127."))
 
 
+def _devices_shown(settings: Settings) -> str:
+    devices = settings.engine_devices
+    return "auto" if devices is None else ",".join(devices)
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -134,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     shown = ["127.0.0.1"] + (lan_addresses() if settings.host in ("0.0.0.0", "::") else [])
     if settings.host not in ("0.0.0.0", "::"):
         shown = [settings.host]
-    print(f"VoxCPM API: model={settings.model} output={settings.output_dir} loras={settings.lora_dir}", file=sys.stderr)
+    print(f"VoxCPM API: model={settings.model} engine={settings.engine} devices={_devices_shown(settings)} "
+          f"output={settings.output_dir} loras={settings.lora_dir}", file=sys.stderr)
     for host in shown:
         print(f"  {scheme}://{host}:{settings.port}   (docs: {scheme}://{host}:{settings.port}/docs)", file=sys.stderr)
     common: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level=settings.log_level,

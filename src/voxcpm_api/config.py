@@ -18,6 +18,9 @@ ENV_PREFIX = "VOXCPM_"
 DEFAULT_LOCAL_MODEL_DIR = "./models/openbmb__VoxCPM1.5"
 DEFAULT_HUB_MODEL_ID = "openbmb/VoxCPM1.5"
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+EngineKind = Literal["batched", "official"]
+DEFAULT_ROWS_PER_ENGINE = 16  # --engine batched: batch rows per device when --max-concurrent is not given
+DEFAULT_OFFICIAL_MAX_CONCURRENT = 2  # --engine official: generation of one task overlaps encoding of another
 
 
 def default_model() -> str:
@@ -43,11 +46,20 @@ class Settings(BaseSettings):
     output_dir: Path = Path("./api_outputs")
     ref_audio_dir: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("./reference_audio")])
     cache_dir: Path | None = None  # tiny checkpoints and downloads; default <output_dir>/.cache
-    device: str = "auto"
-    compile: bool = False  # torch.compile on CUDA (minutes of warm-up; off by default)
+    device: str = "auto"  # one engine on this device; --devices (below) wins when both are given
+    # Where the engine(s) run: "auto" (every visible CUDA GPU, else the CPU; decided by the engine owner,
+    # which may import torch), or a comma list normalised to "cuda:0,cuda:1" / "cpu" / "cpu,cpu".
+    devices: str = "auto"
+    engine: EngineKind = "batched"  # batched = rows of many requests per decode step; official = sequential
+    compile: bool = False  # torch.compile on CUDA for --engine official (minutes of warm-up; off by default)
+    lora_slots: int = Field(8, ge=1, le=256)  # --engine batched: GPU-resident adapter slots per engine
+    max_seq_len: int = Field(4096 + 1024, ge=64, le=1 << 20)  # --engine batched: KV positions per row
+    cuda_graphs: bool = True  # --engine batched: capture decode steps as CUDA graphs
 
     # --- limits ---
-    max_concurrent: int = Field(2, ge=1, le=256)
+    # Tasks (and streams) generating at once. None = the engine's default: 16 batch rows per device for
+    # --engine batched, 2 for --engine official (which still generates one at a time; see effective_...).
+    max_concurrent: int | None = Field(None, ge=1, le=4096)
     max_queue: int = Field(1000, ge=1)
     max_text_chars: int = Field(5000, ge=1)
     max_attempts: int = Field(3, ge=1, le=20)
@@ -88,11 +100,53 @@ class Settings(BaseSettings):
             return value
         raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
 
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str) -> str:
+        return ",".join(parse_devices(value)) if value.strip().lower() != "auto" else "auto"
+
     @model_validator(mode="after")
     def _ssl_pair(self) -> Settings:
         if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
             raise ValueError("--ssl-keyfile and --ssl-certfile must be given together")
         return self
+
+    @model_validator(mode="after")
+    def _official_is_one_engine(self) -> Settings:
+        devices = self.engine_devices
+        if self.engine == "official" and devices is not None and len(devices) > 1:
+            raise ValueError("--engine official runs one model on one device; give one device or use "
+                             "--engine batched for several")
+        return self
+
+    @property
+    def engine_devices(self) -> list[str] | None:
+        """The device of every engine to build, or None for "auto" (the engine owner asks torch).
+
+        `--devices` wins; otherwise an explicit `--device X` means one engine on X.
+        """
+        if self.devices != "auto":
+            return self.devices.split(",")
+        if self.device != "auto":
+            return [self.device]
+        return None
+
+    def rows_per_engine(self, engines: int) -> int:
+        """--engine batched: batch rows of each of `engines` engines (--max-concurrent spread over them)."""
+        if self.max_concurrent is None:
+            return DEFAULT_ROWS_PER_ENGINE
+        return max(1, -(-self.max_concurrent // max(1, engines)))
+
+    @property
+    def effective_max_concurrent(self) -> int | None:
+        """What --max-concurrent means when known without torch; None = decided by the loaded engine
+        (batched engines on "auto" devices: 16 rows per visible GPU)."""
+        if self.max_concurrent is not None:
+            return self.max_concurrent
+        if self.engine == "official":
+            return DEFAULT_OFFICIAL_MAX_CONCURRENT
+        devices = self.engine_devices
+        return None if devices is None else DEFAULT_ROWS_PER_ENGINE * len(devices)
 
     @property
     def effective_cache_dir(self) -> Path:
@@ -117,3 +171,32 @@ class Settings(BaseSettings):
                 text = str(value)
             env[ENV_PREFIX + name.upper()] = text
         return env
+
+
+def parse_devices(value: str) -> list[str]:
+    """"0,1" / "cuda:0,cuda:1" / "cpu" / "cpu,cpu" / "cuda" / "mps" -> normalised device names.
+
+    A bare number N means cuda:N. The same GPU may not be named twice (two engines on one GPU only
+    split its memory); several "cpu" engines are allowed (tests use them).
+    """
+    names: list[str] = []
+    for raw in value.split(","):
+        item = raw.strip().lower()
+        if not item:
+            continue
+        if item.isdigit():
+            item = f"cuda:{int(item)}"
+        elif item.startswith("cuda:") and item[5:].isdigit():
+            item = f"cuda:{int(item[5:])}"
+        elif item not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"'{raw.strip()}' is not a device; use auto, cpu, N, cuda:N or a comma list")
+        if item != "cpu" and item in names:
+            raise ValueError(f"'{item}' is named twice")
+        names.append(item)
+    if not names:
+        raise ValueError("devices must be auto or a comma list like 0,1 or cuda:0,cuda:1 or cpu")
+    if "cuda" in names and any(n.startswith("cuda:") for n in names):
+        raise ValueError("'cuda' (the current GPU) cannot be combined with cuda:N")
+    if "mps" in names and len(names) > 1:
+        raise ValueError("mps is one device")
+    return names

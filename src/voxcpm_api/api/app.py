@@ -44,16 +44,47 @@ Text-to-speech with OpenBMB VoxCPM and hot-switched LoRA adapters.
 
 
 def default_engine_factory(settings: Settings) -> Callable[[], Engine]:
-    def build() -> Engine:
-        # Imported here so worker processes that never own the engine never import torch.
-        from ..engine.voxcpm_engine import EngineConfig, VoxCPMEngine
+    """What the engine owner builds (in its engine thread): one official VoxCPMEngine, one BatchedEngine,
+    or an EnginePool of one BatchedEngine per device. Imports happen inside `build`, so worker processes
+    that never own the engine never import torch."""
 
-        return VoxCPMEngine(EngineConfig(model=settings.model, device=settings.device, compile=settings.compile,
-                                         cache_dir=settings.effective_cache_dir,
-                                         lora_cache_size=settings.lora_cache_size,
-                                         feature_cache_dir=settings.effective_cache_dir / "prompt_features"))
+    def build() -> Engine:
+        cache_dir = settings.effective_cache_dir
+        if settings.engine == "official":
+            from ..engine.voxcpm_engine import EngineConfig, VoxCPMEngine
+
+            devices = settings.engine_devices
+            return VoxCPMEngine(EngineConfig(model=settings.model, device=devices[0] if devices else "auto",
+                                             compile=settings.compile, cache_dir=cache_dir,
+                                             lora_cache_size=settings.lora_cache_size,
+                                             feature_cache_dir=cache_dir / "prompt_features"))
+        from ..engine.batched.engine import BatchedConfig, BatchedEngine
+
+        devices = settings.engine_devices or visible_devices()
+        rows = settings.rows_per_engine(len(devices))
+        engines = [BatchedEngine(BatchedConfig(model=settings.model, device=device, max_rows=rows,
+                                               lora_slots=settings.lora_slots, max_seq_len=settings.max_seq_len,
+                                               cuda_graphs=settings.cuda_graphs, compile=settings.compile,
+                                               cache_dir=cache_dir,
+                                               feature_cache_dir=cache_dir / "prompt_features",
+                                               lora_cache_size=settings.lora_cache_size))
+                   for device in devices]
+        log.info("batched engine: %d row(s) on each of %s", rows, ", ".join(devices))
+        if len(engines) == 1:
+            return engines[0]
+        from ..engine.pool import EnginePool
+
+        return EnginePool(engines)
 
     return build
+
+
+def visible_devices() -> list[str]:
+    """--devices auto: every CUDA GPU this process can see, else the CPU (imports torch: owner only)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskStore | None = None,

@@ -137,6 +137,17 @@ class _Scrape:
         yield from self._extra.collect()
 
 
+# BatchedEngine.stats() counters exported as they are (summed over the engines of a pool).
+ENGINE_COUNTERS = (
+    ("steps", "voxcpm_engine_decode_steps", "Batched decode steps run (each advances every running row one patch)."),
+    ("rows_stepped", "voxcpm_engine_rows_stepped", "Rows advanced, summed over decode steps (÷ steps = mean "
+     "batch occupancy)."),
+    ("prefills", "voxcpm_engine_prefills", "Prompts prefilled into a batch row."),
+    ("adapter_slot_loads", "voxcpm_engine_adapter_slot_loads", "LoRA adapters copied into a GPU slot."),
+    ("oom_recoveries", "voxcpm_engine_oom_recoveries", "Out-of-memory errors the batched engine recovered from."),
+)
+
+
 class ServiceCollector:
     """Series read at scrape time: the store's queue, readiness, and the owner engine's adapter counters."""
 
@@ -172,10 +183,30 @@ class ServiceCollector:
             for label, value in sorted(totals.items()):
                 family.add_metric([label], value)
             metrics.append(family)
+        rows = stats.get("batch_rows")
+        if rows:  # a batched engine (or a pool of them) in this process
+            gauge = GaugeMetricFamily("voxcpm_batch_rows", "Batch rows of the batched engine(s) now: running, "
+                                      "queued for a row, and the most one decode step holds (max).", labels=["state"])
+            for state in ("running", "queued", "max"):
+                gauge.add_metric([state], float(rows.get(state, 0)))
+            metrics.append(gauge)
+        counters = stats.get("engine_counters") or {}
+        for key, name, doc in ENGINE_COUNTERS:
+            if key in counters:
+                family = CounterMetricFamily(name, doc)
+                family.add_metric([], float(counters[key]))
+                metrics.append(family)
+        placements = stats.get("engine_placements")
+        if placements:
+            family = CounterMetricFamily("voxcpm_engine_placements", "Generations placed on each engine of a "
+                                         "multi-device pool (by LoRA affinity, then load).", labels=["engine"])
+            for engine, count in sorted(placements.items(), key=lambda kv: int(kv[0])):
+                family.add_metric([engine], float(count))
+            metrics.append(family)
         return metrics
 
 
-def _engine_stats(service: TaskService) -> dict[str, dict[str, int]]:
+def _engine_stats(service: TaskService) -> dict[str, dict[str, float]]:
     runner = service.runner
     stats = getattr(runner, "engine_stats", None)
     if stats is None:

@@ -96,7 +96,7 @@ async def list_tasks(request: Request, service: ServiceDep, status: TaskStatus |
                      limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> TaskList:
     records, total, processing = await service.list_tasks(status, limit)
     return TaskList(tasks=[_task_view(r, service, request) for r in records], total=total, processing=processing,
-                    max_concurrent=service.settings.max_concurrent)
+                    max_concurrent=service.max_concurrent())
 
 
 @protected.get("/download/{filename}", tags=["files"], response_class=FileResponse)

@@ -36,6 +36,9 @@ class ChunkRequest:
     ref_audio_path: str | None = None
     ref_text: str | None = None
     normalize: bool = False  # run the official text normaliser first (VoxCPM.generate(normalize=True))
+    # Benchmarks only: generate exactly this many patches (the official max_len argument) instead of
+    # the official cap min(tokens * 6 + 10, 4096); None = the official behaviour.
+    max_patches: int | None = None
 
 
 class Engine(Protocol):
@@ -81,4 +84,30 @@ class Engine(Protocol):
         Used for saved voices, so their first request does not pay for encoding. Raises BadAudio
         when the audio cannot be read, InvalidInput when the model needs a transcript and got none.
         """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """What placement across engines needs to know (engine/pool.py); cheap, any thread."""
+
+    running_rows: int  # requests generating now (batch rows in use)
+    queued_rows: int  # submitted, waiting for a row
+    max_rows: int  # rows one decode step can hold
+    resident_adapters: frozenset[str]  # adapter keys (lora_runtime.adapter_key as str) in GPU slots
+
+
+class ConcurrentEngine(Engine, Protocol):
+    """An engine that batches: `generate`, `generate_stream`, `expected_patches`, `linear_shapes` and
+    `check_reference_audio` may be called from up to `max_rows` threads at once (each call becomes
+    one row of a shared decode step and blocks until its row is done). Callbacks run on the engine's
+    own loop thread; one that raises ends that row alone."""
+
+    @property
+    def max_rows(self) -> int: ...
+
+    def load_summary(self) -> EngineLoad: ...
+
+    def close(self) -> None:
+        """Stop the loop thread; rows still running fail with NotReady."""
         ...

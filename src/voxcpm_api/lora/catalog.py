@@ -71,6 +71,13 @@ class AdapterSpec:
         return self.alpha / self.rank if self.rank > 0 else 0.0
 
 
+def adapter_key_str(spec: AdapterSpec) -> str:
+    """One adapter version as a string: the batched engines report their GPU-resident adapters by it
+    (`EngineLoad.resident_adapters`) and engine/pool.py places requests by it. A rewritten weights file
+    (new fingerprint) or a changed lora_config.json is another key."""
+    return f"{spec.directory}|{spec.weights_file.name}|{tuple(spec.fingerprint)}|{float(spec.alpha)}|{spec.targets}"
+
+
 def is_base_model_name(name: str | None) -> bool:
     return name is None or name.strip().lower() in BASE_MODEL_NAMES
 

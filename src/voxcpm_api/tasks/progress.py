@@ -67,3 +67,54 @@ class PatchProgress:
             chunks = len(self.expected)
             where = f"chunk {self.chunk_index + 1}/{chunks}, " if chunks > 1 else ""
             self.write(self.fraction, f"Generating audio ({where}{self.done_total} patches)", self.eta_s())
+
+
+class BackgroundProgressWriter:
+    """Progress writes handed off to one thread of their own, newest per task only.
+
+    A batched engine calls `on_patch` on the loop thread that steps every row; a SQLite write there
+    (which may wait for the store's lock or for another process's transaction) would stall all rows.
+    `submit` only records the newest value for the task and wakes the writer thread, which applies
+    them with `write(task_id, progress, message, eta)`; the store keeps the maximum progress and only
+    touches tasks still processing, so a late or skipped write is harmless.
+    """
+
+    def __init__(self, write: Callable[[str, float, str, float | None], None]) -> None:
+        self._write = write
+        self._pending: dict[str, tuple[float, str, float | None]] = {}
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="progress-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, task_id: str, progress: float, message: str, eta_s: float | None) -> None:
+        with self._cond:
+            self._pending[task_id] = (progress, message, eta_s)
+            self._cond.notify()
+
+    def for_task(self, task_id: str) -> ProgressWriter:
+        return lambda progress, message, eta_s: self.submit(task_id, progress, message, eta_s)
+
+    def close(self) -> None:
+        """Apply what is pending, then stop the thread."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import logging
+
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopped:
+                    self._cond.wait()
+                batch, self._pending = self._pending, {}
+                stopped = self._stopped
+            for task_id, (progress, message, eta_s) in batch.items():
+                try:
+                    self._write(task_id, progress, message, eta_s)
+                except Exception:  # progress is advisory; the next write or the final state corrects it
+                    logging.getLogger("voxcpm_api.progress").exception("progress write for %s failed", task_id)
+            if stopped and not batch:
+                return

@@ -1,11 +1,19 @@
 """The engine owner's loop: claim tasks from the store, synthesize, encode, write, record.
 
 Only the process holding the engine lock runs this. Concurrency model:
-- one engine thread (a single-thread executor) runs every engine call, because the official
-  model keeps per-generation state (KV caches, torch's global RNG) and must not be re-entered;
-- `max_concurrent` worker coroutines claim tasks; a task is claimed only after the worker has the
-  engine gate, so "processing" means "generating now, or encoding/writing its file"; encoding of
-  one task overlaps the generation of the next;
+- one engine thread (a single-thread executor) loads the engine and runs its one-off calls
+  (linear shapes, the warm-up generation, saved voices' prompt features);
+- a plain engine (the official sequential one, FakeEngine) runs every generation in that same
+  thread, one at a time behind a gate of 1, because the official model keeps per-generation state
+  (KV caches, torch's global RNG) and must not be re-entered; `max_concurrent` worker coroutines
+  (default 2) let the encoding of one task overlap the generation of the next;
+- a ConcurrentEngine (engine/base.py: it has `max_rows`; the batched engine, or an EnginePool of
+  several) takes up to `max_concurrent` generations at once (default and cap: its `max_rows`), each
+  a batch row: the gate holds `max_concurrent` slots and generations run in a pool of that many
+  row threads, each blocking in engine.generate()/generate_stream() until its row is done. A row
+  that fails (or is cancelled through its PatchProgress) fails its own task only;
+- a task is claimed only after its worker has a gate slot, so "processing" means "generating now,
+  or encoding/writing its file";
 - every blocking call (engine, encoder, SQLite) runs off the event loop.
 
 Whatever happens to a task, it ends in a final state or, when the process dies, is re-queued by
@@ -36,7 +44,7 @@ from ..lora.catalog import AdapterSpec, LoRACatalog, check_adapter_fits, is_base
 from ..paths import audio_file_name
 from ..textsplit import split_text, voice_design_prefix
 from .events import Events, NullEvents
-from .progress import PatchProgress, ShutdownRequested
+from .progress import BackgroundProgressWriter, PatchProgress, ShutdownRequested
 from .store import TaskRecord, TaskStore
 
 if TYPE_CHECKING:  # streaming lives in tasks/stream.py
@@ -53,7 +61,9 @@ SEED_MODULUS = 2**32
 @dataclass(frozen=True, slots=True)
 class RunnerConfig:
     output_dir: Path
-    max_concurrent: int
+    # Generations at once. None = the engine's default: max_rows for a ConcurrentEngine, 2 workers
+    # (one generating, one encoding) for a plain engine. Capped at a ConcurrentEngine's max_rows.
+    max_concurrent: int | None
     max_attempts: int
     chunk_max_chars: int
     cleanup_interval_s: float = 0.0
@@ -78,7 +88,10 @@ class EngineRunner:
         self._events: Events = events if events is not None else NullEvents()
         self._engine: Engine | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._gate = asyncio.Semaphore(1)  # one generation at a time on this engine
+        self._row_executor: ThreadPoolExecutor | None = None  # ConcurrentEngine: one thread per batch row
+        self._progress_writer: BackgroundProgressWriter | None = None  # ConcurrentEngine: off the loop thread
+        self._gate = asyncio.Semaphore(1)  # generations at once; replaced once a ConcurrentEngine has loaded
+        self.max_concurrent = 1  # what --max-concurrent resolved to (GET /tasks), set by start()
         self._wake = asyncio.Event()
         self._cancel_events: dict[str, threading.Event] = {}
         self._shutdown = threading.Event()
@@ -109,6 +122,8 @@ class EngineRunner:
                                             "heartbeat": time.time()})
             return
         self._engine = engine
+        workers = self._size_concurrency(engine)
+        self._store.set_meta("limits", {"max_concurrent": self.max_concurrent})
         self._store.set_meta("linear_shapes", {k: list(v) for k, v in shapes.items()})
         self._store.set_meta("engine_info", asdict(info))
         requeued, failed = await asyncio.to_thread(self._store.requeue_interrupted, self._config.max_attempts)
@@ -117,8 +132,9 @@ class EngineRunner:
         await self._measure_speed(engine)
         self._store.set_meta("engine", {"loaded": True, "pid": os.getpid(), "heartbeat": time.time()})
         self.loaded.set()
-        log.info("model ready: %s (%s, %d Hz, %s)", info.model_id, info.architecture, info.sample_rate_hz, info.device)
-        for index in range(self._config.max_concurrent):
+        log.info("model ready: %s (%s, %d Hz, %s), %d generation(s) at once", info.model_id, info.architecture,
+                 info.sample_rate_hz, info.device, self.max_concurrent)
+        for index in range(workers):
             self._background.append(asyncio.create_task(self._worker(index)))
         self._background.append(asyncio.create_task(self._watch_cancellations()))
         if self._config.cleanup_interval_s > 0 and self._cleanup is not None:
@@ -130,10 +146,20 @@ class EngineRunner:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self._row_executor is not None:  # every row stops at its next patch (ShutdownRequested)
+            self._row_executor.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._progress_writer is not None:
+            await asyncio.to_thread(self._progress_writer.close)
         for task_id in list(self._running):
             self._store.requeue_interrupted_one(task_id)
         self._store.set_meta("engine", {"loaded": False, "pid": os.getpid(), "heartbeat": 0})
+        close = getattr(self._engine, "close", None) if is_concurrent(self._engine) else None
+        if close is not None:  # a batched engine's loop thread
+            try:
+                await asyncio.to_thread(close)
+            except Exception:
+                log.exception("closing the engine failed")
 
     def wake(self) -> None:
         self._wake.set()
@@ -158,16 +184,56 @@ class EngineRunner:
             raise NotReady("the model is not loaded yet")
         await self._in_engine_thread(lambda: engine.prepare_prompt(path, transcript))
 
-    def engine_stats(self) -> dict[str, dict[str, int]]:
-        """Per-adapter LoRA loads and evictions of this engine, for /metrics (empty without a LoRA runtime)."""
-        runtime = getattr(self._engine, "lora_runtime", None)
-        return {"adapter_loads": dict(getattr(runtime, "loads", None) or {}),
-                "adapter_evictions": dict(getattr(runtime, "evictions", None) or {})}
+    def engine_stats(self) -> dict[str, dict[str, float]]:
+        """For /metrics: per-adapter LoRA loads and evictions of this engine (empty without a LoRA runtime);
+        a ConcurrentEngine's batch rows now; an EnginePool's placements per engine."""
+        engine = self._engine
+        runtime = getattr(engine, "lora_runtime", None)
+        stats = {"adapter_loads": dict(getattr(runtime, "loads", None) or {}),
+                 "adapter_evictions": dict(getattr(runtime, "evictions", None) or {})}
+        if is_concurrent(engine):
+            load = engine.load_summary()  # type: ignore[union-attr]
+            stats["batch_rows"] = {"running": load.running_rows, "queued": load.queued_rows, "max": load.max_rows}
+        placements = getattr(engine, "placements", None)
+        if isinstance(placements, dict):
+            stats["engine_placements"] = {str(k): int(v) for k, v in placements.items()}
+        counters = getattr(engine, "stats", None)  # BatchedEngine / EnginePool: decode steps, rows stepped, ...
+        if callable(counters):
+            stats["engine_counters"] = {k: v for k, v in dict(counters()).items()
+                                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return stats
 
     # ---- background loops ---------------------------------------------------------------------
 
     async def _in_engine_thread(self, fn: Callable[[], object]) -> object:  # type: ignore[misc]
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def _in_row_thread(self, fn: Callable[[], object]) -> object:  # type: ignore[misc]
+        """A generation (task or stream), taken with a gate slot: its own row thread on a ConcurrentEngine,
+        else the one engine thread."""
+        executor = self._row_executor if self._row_executor is not None else self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, fn)
+
+    @property
+    def concurrent(self) -> bool:
+        """True when generations run as batch rows of a ConcurrentEngine."""
+        return self._row_executor is not None
+
+    def _size_concurrency(self, engine: Engine) -> int:
+        """Size the gate (and, for a ConcurrentEngine, the row threads); returns how many workers to start."""
+        wanted = self._config.max_concurrent
+        if not is_concurrent(engine):  # gate of 1; the second worker encodes while the first generates
+            self.max_concurrent = wanted if wanted is not None else 2
+            return self.max_concurrent
+        rows = max(1, int(engine.max_rows))  # type: ignore[attr-defined]
+        if wanted is not None and wanted > rows:
+            log.warning("--max-concurrent %d is more than the engine's %d batch rows; using %d", wanted, rows, rows)
+        self.max_concurrent = min(wanted, rows) if wanted is not None else rows
+        self._gate = asyncio.Semaphore(self.max_concurrent)
+        self._row_executor = ThreadPoolExecutor(max_workers=self.max_concurrent, thread_name_prefix="engine-row")
+        self._progress_writer = BackgroundProgressWriter(self._store.update_progress)
+        # more workers than rows: a worker encoding its file does not hold a row, another one fills it
+        return self.max_concurrent + max(1, self.max_concurrent // 2)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -248,7 +314,7 @@ class EngineRunner:
         lora, voice = record.params.lora_name, record.params.voice
         self._events.generation_started("task", lora, voice)
         try:
-            result = await self._in_engine_thread(lambda: self._synthesize_blocking(record, cancel))
+            result = await self._in_row_thread(lambda: self._synthesize_blocking(record, cancel))
         except ShutdownRequested:
             await asyncio.to_thread(self._store.requeue_interrupted_one, record.task_id)
             return None
@@ -278,15 +344,21 @@ class EngineRunner:
         return result
 
     def _synthesize_blocking(self, record: TaskRecord, cancel: threading.Event) -> Synthesized:
-        """Engine thread: resolve the adapter, split the text, generate every chunk, join them."""
+        """Engine or row thread: resolve the adapter, split the text, generate every chunk, join them.
+
+        On a ConcurrentEngine `on_patch` runs on the engine's loop thread, shared by every row: it only
+        counts, may raise, and hands progress to the BackgroundProgressWriter (never SQLite itself).
+        """
         engine = self._engine
         assert engine is not None and engine.info is not None
         params = record.params
         adapter = self._adapter_for(params, engine)
         chunks = self._plan_chunks(params.text, engine.info)
+        writer = self._progress_writer  # on a ConcurrentEngine on_patch runs on its loop thread: no SQLite there
         progress = PatchProgress(
             [engine.expected_patches(c) for c in chunks],
-            write=lambda p, m, eta: self._store.update_progress(record.task_id, p, m, eta),
+            write=(writer.for_task(record.task_id) if writer is not None
+                   else lambda p, m, eta: self._store.update_progress(record.task_id, p, m, eta)),
             cancel=cancel, shutdown=self._shutdown,
         )
         first_patch = threading.Event()
@@ -308,16 +380,19 @@ class EngineRunner:
 
     def stream(self, params: SynthesisParams, *, arrived_at: float | None = None) -> AudioStream:
         """Start a streamed synthesis of validated `params`; no task is stored (ADR 0005)."""
-        from .stream import AudioStream
+        from .stream import DEFAULT_MAX_BUFFERED, AudioStream
 
         info = self.info
         if info is None or not self.loaded.is_set():
             raise NotReady("the model is still loading; retry shortly (GET /health shows model_loaded)")
-        return AudioStream(self, params, info.sample_rate_hz, arrived_at=arrived_at)
+        # A batched engine calls on_audio on its loop thread, shared by every row: waiting there for a slow
+        # reader would stall all rows, so its streams buffer without a bound (one generation is finite).
+        return AudioStream(self, params, info.sample_rate_hz, arrived_at=arrived_at,
+                           max_buffered=None if self.concurrent else DEFAULT_MAX_BUFFERED)
 
     def _stream_blocking(self, params: SynthesisParams, emit: Callable[[np.ndarray], None],
                          cancel: threading.Event) -> int:
-        """Engine thread: like _synthesize_blocking, but each patch goes to `emit` as it is decoded."""
+        """Engine or row thread: like _synthesize_blocking, but each patch goes to `emit` as it is decoded."""
         from ..audio.streaming import StreamCrossfader
         from .stream import ClientGone
 
@@ -394,6 +469,11 @@ class EngineRunner:
     def _notify_done(self, task_id: str) -> None:
         for event in self._done_waiters.pop(task_id, []):
             event.set()
+
+
+def is_concurrent(engine: object) -> bool:
+    """A ConcurrentEngine (engine/base.py) is recognised by its `max_rows` and `load_summary`."""
+    return engine is not None and hasattr(engine, "max_rows") and callable(getattr(engine, "load_summary", None))
 
 
 def _chunk_request(params: SynthesisParams, adapter: AdapterSpec | None, index: int, chunk: str) -> ChunkRequest:

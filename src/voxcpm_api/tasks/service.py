@@ -17,7 +17,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from ..config import Settings
+from ..config import DEFAULT_ROWS_PER_ENGINE, Settings
 from ..domain import EngineInfo, OutputFormat, SynthesisParams, TaskStatus
 from ..errors import (BadAudio, Conflict, InvalidInput, NotReady, Overloaded, TaskNotFound, VoxError)
 from ..lora.catalog import LoRACatalog, check_adapter_fits, is_base_model_name
@@ -306,6 +306,18 @@ class TaskService:
         return Readiness(model_loaded=bool(state.get("loaded")) and fresh, engine_owner=False,
                          owner_pid=state.get("pid") if fresh else None, error=state.get("error"),
                          info=self.engine_info())
+
+    def max_concurrent(self) -> int:
+        """Generations at once as the engine owner resolved --max-concurrent (GET /tasks)."""
+        if self.runner is not None and self.runner.loaded.is_set():
+            return self.runner.max_concurrent
+        known = self.settings.effective_max_concurrent
+        if known is not None:
+            return known
+        raw = self.store.get_meta("limits")  # "auto" devices: only the owner knows how many GPUs it found
+        if isinstance(raw, dict) and isinstance(raw.get("max_concurrent"), int):
+            return int(raw["max_concurrent"])
+        return DEFAULT_ROWS_PER_ENGINE
 
     def engine_info(self) -> EngineInfo | None:
         if self.runner is not None and self.runner.info is not None:

@@ -1,11 +1,13 @@
 """A streamed synthesis: audio handed from the engine thread to the event loop patch by patch.
 
-`EngineRunner.stream(params)` builds an `AudioStream`. Its producer coroutine takes the runner's
-engine gate (the one tasks take, so a stream and a task never generate at the same time), runs the
-chunks in the engine thread, and every decoded patch crosses to the event loop through
-`loop.call_soon_threadsafe` into a queue bounded by a semaphore of `max_buffered` slots: when the
-consumer lags that far behind, the engine thread waits (polling for cancellation) instead of
-buffering without limit.
+`EngineRunner.stream(params)` builds an `AudioStream`. Its producer coroutine takes a slot of the
+runner's engine gate (the one tasks take: on a plain engine a stream and a task never generate at
+the same time; on a ConcurrentEngine the stream is one batch row among the tasks'), runs the chunks
+in the engine thread (or its own row thread), and every decoded patch crosses to the event loop
+through `loop.call_soon_threadsafe` into a queue bounded by a semaphore of `max_buffered` slots:
+when the consumer lags that far behind, the engine thread waits (polling for cancellation) instead
+of buffering without limit. `max_buffered=None` (ConcurrentEngine: its audio callbacks run on the
+loop thread every row shares, which must never wait for one client) buffers without a bound.
 
 The consumer iterates the stream (`async for samples in stream`). `close()` — a client gone,
 a response torn down — sets a threading.Event that makes the engine's audio callback raise
@@ -46,7 +48,7 @@ class AudioStream:
     """Async iterator of float32 mono sample blocks at `sample_rate_hz`, made as they are generated."""
 
     def __init__(self, runner: EngineRunner, params: SynthesisParams, sample_rate_hz: int, *,
-                 arrived_at: float | None = None, max_buffered: int = DEFAULT_MAX_BUFFERED) -> None:
+                 arrived_at: float | None = None, max_buffered: int | None = DEFAULT_MAX_BUFFERED) -> None:
         self.params = params
         self.sample_rate_hz = sample_rate_hz
         self.patches = 0  # set when the generation completes
@@ -57,7 +59,7 @@ class AudioStream:
         self._arrived_at = arrived_at if arrived_at is not None else time.time()
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[object] = asyncio.Queue()
-        self._slots = threading.Semaphore(max(1, max_buffered))
+        self._slots = threading.Semaphore(max(1, max_buffered)) if max_buffered is not None else None
         self._cancel = threading.Event()
         self._closed = False
         self._first_reported = False
@@ -79,7 +81,8 @@ class AudioStream:
         if isinstance(item, BaseException):
             self._closed = True
             raise item
-        self._slots.release()
+        if self._slots is not None:
+            self._slots.release()
         assert isinstance(item, np.ndarray)
         self.samples_out += item.size
         if not self._first_reported:
@@ -104,7 +107,7 @@ class AudioStream:
 
     def _emit(self, samples: np.ndarray) -> None:
         """Engine thread: hand one block to the loop, waiting for a free slot if the consumer lags."""
-        while not self._slots.acquire(timeout=SLOT_POLL_INTERVAL_S):
+        while self._slots is not None and not self._slots.acquire(timeout=SLOT_POLL_INTERVAL_S):
             if self._cancel.is_set():
                 raise ClientGone("the client went away")
             if self._runner._shutdown.is_set():  # noqa: SLF001 - a stalled reader must not block shutdown
@@ -124,14 +127,14 @@ class AudioStream:
         started: float | None = None
         outcome = "failed"
         try:
-            async with runner._gate:  # noqa: SLF001 - one generation at a time, tasks included
+            async with runner._gate:  # noqa: SLF001 - generations at once, tasks included
                 if self._cancel.is_set():
                     outcome = "cancelled"
                     self._queue.put_nowait(ClientGone("the client went away"))
                     return
                 started = time.monotonic()
                 events.generation_started("stream", lora, voice)
-                self.patches = int(await runner._in_engine_thread(  # type: ignore[call-overload]  # noqa: SLF001
+                self.patches = int(await runner._in_row_thread(  # type: ignore[call-overload]  # noqa: SLF001
                     lambda: runner._stream_blocking(self.params, self._emit, self._cancel)))  # noqa: SLF001
             outcome = "completed"
             self._queue.put_nowait(_END)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run bench/bench_engine.py on the GPU machine (Python 3.12, torch from the image, no internet).
+#
+#   bash bench/device_run.sh --model voxcpm2 [more bench_engine.py flags]     (carry: [".whl"])
+#
+# Installs the carried wheels (.whl/: voxcpm, librosa, pydantic, ... that the image lacks) into
+# /tmp/site, logs nvidia-smi once a second to $OUT/nvidia-smi.csv, and writes the results to $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/bench/results}"
+mkdir -p "$OUT"
+
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+  echo "no wheels in .whl/: run the command with carry: [\".whl\"]" >&2
+  exit 2
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+smi_pid=""
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=timestamp,name,utilization.gpu,memory.used,clocks.sm,clocks.mem,power.draw \
+    --format=csv -l 1 >"$OUT/nvidia-smi.csv" 2>/dev/null &
+  smi_pid=$!
+fi
+stop_smi() { if [ -n "$smi_pid" ]; then kill "$smi_pid" 2>/dev/null || true; fi; }
+trap stop_smi EXIT
+
+python3 bench/bench_engine.py "$@" --out-dir "$OUT"

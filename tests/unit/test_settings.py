@@ -1,0 +1,132 @@
+"""Settings for the engines: --devices, --engine, --max-concurrent defaults, the batched engine's flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from voxcpm_api.cli import build_parser, settings_from_args
+from voxcpm_api.config import Settings, parse_devices
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DEVICES", "DEVICE", "ENGINE", "MAX_CONCURRENT", "LORA_SLOTS", "MAX_SEQ_LEN", "CUDA_GRAPHS"):
+        monkeypatch.delenv(f"VOXCPM_{name}", raising=False)
+
+
+@pytest.mark.parametrize(("text", "devices"), [
+    ("0", ["cuda:0"]),
+    ("0,1", ["cuda:0", "cuda:1"]),
+    (" 0 , 3 ", ["cuda:0", "cuda:3"]),
+    ("cuda:0,cuda:1", ["cuda:0", "cuda:1"]),
+    ("CUDA:2", ["cuda:2"]),
+    ("1,cuda:0", ["cuda:1", "cuda:0"]),
+    ("cpu", ["cpu"]),
+    ("cpu,cpu", ["cpu", "cpu"]),
+    ("cuda", ["cuda"]),
+    ("mps", ["mps"]),
+])
+def test_devices_are_normalised(text: str, devices: list[str]) -> None:
+    assert parse_devices(text) == devices
+    settings = Settings(devices=text)
+    assert settings.devices == ",".join(devices)
+    assert settings.engine_devices == devices
+
+
+@pytest.mark.parametrize(("text", "complaint"), [
+    ("gpu", "not a device"),
+    ("0,0", "named twice"),
+    ("cuda:1,1", "named twice"),
+    ("cuda,cuda:1", "cannot be combined"),
+    ("mps,cpu", "mps is one device"),
+    (",", "comma list"),
+    ("auto,0", "not a device"),
+])
+def test_bad_devices_are_refused(text: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        parse_devices(text)
+    with pytest.raises(ValueError, match=complaint):
+        Settings(devices=text)
+
+
+def test_auto_is_decided_by_the_engine_owner() -> None:
+    assert Settings().devices == "auto" and Settings().engine_devices is None
+    assert Settings(devices="AUTO").devices == "auto"
+
+
+def test_an_explicit_device_means_one_engine_there_unless_devices_is_given() -> None:
+    assert Settings(device="cuda:1").engine_devices == ["cuda:1"]
+    assert Settings(device="cpu").engine_devices == ["cpu"]
+    assert Settings(device="cuda:1", devices="0,2").engine_devices == ["cuda:0", "cuda:2"]
+
+
+def test_official_engine_takes_one_device() -> None:
+    assert Settings(engine="official", devices="1").engine_devices == ["cuda:1"]
+    assert Settings(engine="official").engine_devices is None
+    with pytest.raises(ValueError, match="one device"):
+        Settings(engine="official", devices="0,1")
+
+
+def test_max_concurrent_defaults_per_engine() -> None:
+    assert Settings().max_concurrent is None
+    assert Settings(engine="official").effective_max_concurrent == 2
+    assert Settings(engine="batched", devices="0,1").effective_max_concurrent == 32
+    assert Settings(engine="batched", device="cpu").effective_max_concurrent == 16
+    assert Settings(engine="batched").effective_max_concurrent is None  # auto: known once torch counted GPUs
+    assert Settings(max_concurrent=5, engine="official").effective_max_concurrent == 5
+    assert Settings(max_concurrent=5).effective_max_concurrent == 5
+
+
+def test_rows_per_engine_spread_max_concurrent() -> None:
+    assert Settings().rows_per_engine(3) == 16
+    assert Settings(max_concurrent=20).rows_per_engine(3) == 7
+    assert Settings(max_concurrent=32).rows_per_engine(2) == 16
+    assert Settings(max_concurrent=1).rows_per_engine(4) == 1
+
+
+def test_batched_engine_defaults() -> None:
+    settings = Settings()
+    assert settings.engine == "batched"
+    assert settings.lora_slots == 8 and settings.max_seq_len == 5120 and settings.cuda_graphs is True
+
+
+def test_cli_flags(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings, _ = settings_from_args(["--devices", "0,1", "--engine", "batched", "--lora-slots", "4",
+                                      "--max-seq-len", "2048", "--no-cuda-graphs", "--max-concurrent", "24",
+                                      "--lora-cache-size", "5"])
+    assert settings.lora_cache_size == 5
+    assert settings.engine_devices == ["cuda:0", "cuda:1"]
+    assert (settings.lora_slots, settings.max_seq_len, settings.cuda_graphs) == (4, 2048, False)
+    assert settings.max_concurrent == 24 and settings.rows_per_engine(2) == 12
+    assert settings_from_args(["--cuda-graphs"])[0].cuda_graphs is True
+    assert settings_from_args([])[0].cuda_graphs is True
+    assert settings_from_args(["--device", "cuda:3"])[0].engine_devices == ["cuda:3"]
+    assert settings_from_args(["--engine", "official"])[0].engine == "official"
+
+
+@pytest.mark.parametrize("argv", [["--devices", "0,0"], ["--devices", "0,1", "--engine", "official"],
+                                  ["--lora-slots", "0"], ["--max-concurrent", "0"]])
+def test_cli_refuses_bad_values_with_one_message(argv: list[str]) -> None:
+    with pytest.raises(SystemExit, match="invalid settings"):
+        settings_from_args(argv)
+
+
+def test_cli_refuses_an_unknown_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--engine", "fast"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_env_twins_and_the_worker_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOXCPM_DEVICES", "cuda:0,1")
+    monkeypatch.setenv("VOXCPM_CUDA_GRAPHS", "false")
+    monkeypatch.setenv("VOXCPM_LORA_SLOTS", "3")
+    settings = Settings()
+    assert settings.engine_devices == ["cuda:0", "cuda:1"] and not settings.cuda_graphs and settings.lora_slots == 3
+    env = settings.to_env()
+    assert env["VOXCPM_DEVICES"] == "cuda:0,cuda:1" and "VOXCPM_MAX_CONCURRENT" not in env  # None: not exported
+    for name in list(env):
+        monkeypatch.delenv(name, raising=False)
+    for name, text in env.items():
+        monkeypatch.setenv(name, text)
+    assert Settings() == settings
