@@ -40,7 +40,7 @@ def test_max_concurrent_rows_generate_at_once_and_no_more(make_server) -> None:
     engine = ConcurrentFakeEngine(patch_delay_s=0.02, max_rows=8)
     running = make_server(engine=engine, max_concurrent=3)
     client = running.client
-    ids = [submit(client, f"batch row number {i} " + "r" * 40, seed=i) for i in range(7)]
+    ids = [submit(client, f"batch row number {i} " + "r" * 80, seed=i) for i in range(7)]
     results = [wait_final(client, task_id, 60) for task_id in ids]
     assert [r["status"] for r in results] == ["completed"] * 7
     assert engine.peak_running == 3, f"peak {engine.peak_running}: --max-concurrent 3 must fill exactly 3 rows"
@@ -52,7 +52,7 @@ def test_default_max_concurrent_is_the_engine_rows(make_server) -> None:
     running = make_server(engine=engine, max_concurrent=None)
     client = running.client
     assert client.get("/tasks").json()["max_concurrent"] == 5
-    ids = [submit(client, f"default rows {i} " + "d" * 40) for i in range(10)]
+    ids = [submit(client, f"default rows {i} " + "d" * 80) for i in range(10)]
     assert all(wait_final(client, t, 60)["status"] == "completed" for t in ids)
     assert engine.peak_running == 5
 
@@ -60,7 +60,7 @@ def test_default_max_concurrent_is_the_engine_rows(make_server) -> None:
 def test_more_than_the_rows_is_capped_at_the_rows(make_server) -> None:
     engine = ConcurrentFakeEngine(patch_delay_s=0.02, max_rows=2)
     running = make_server(engine=engine, max_concurrent=6)
-    ids = [submit(running.client, f"capped {i} " + "c" * 30) for i in range(5)]
+    ids = [submit(running.client, f"capped {i} " + "c" * 80) for i in range(5)]
     assert all(wait_final(running.client, t, 60)["status"] == "completed" for t in ids)
     assert engine.peak_running == 2
     assert running.client.get("/tasks").json()["max_concurrent"] == 2

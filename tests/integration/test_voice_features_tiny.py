@@ -106,10 +106,26 @@ def test_feature_cache_is_bounded(tiny_root: Path, tmp_path: Path) -> None:
 
 
 def test_default_engine_factory_puts_features_under_the_cache_dir(tmp_path: Path) -> None:
-    settings = Settings(model="tiny", output_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
+    settings = Settings(model="tiny", output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", engine="official")
     engine = default_engine_factory(settings)()
     assert isinstance(engine, VoxCPMEngine)
     assert engine.config.feature_cache_dir == tmp_path / "cache" / "prompt_features"
+
+
+def test_default_engine_factory_builds_batched_engines_per_device(tmp_path: Path) -> None:
+    from voxcpm_api.engine.batched.engine import BatchedEngine
+    from voxcpm_api.engine.pool import EnginePool
+
+    common = dict(model="tiny", output_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
+    one = default_engine_factory(Settings(**common, devices="cpu", lora_slots=3, max_seq_len=1024,
+                                          cuda_graphs=False))()  # type: ignore[arg-type]
+    assert isinstance(one, BatchedEngine)
+    assert (one.config.device, one.config.max_rows, one.config.lora_slots, one.config.max_seq_len,
+            one.config.cuda_graphs) == ("cpu", 16, 3, 1024, False)
+    assert one.config.feature_cache_dir == tmp_path / "cache" / "prompt_features"
+    pool = default_engine_factory(Settings(**common, devices="cpu,cpu", max_concurrent=6))()  # type: ignore[arg-type]
+    assert isinstance(pool, EnginePool) and pool.max_rows == 6
+    assert [e.config.max_rows for e in pool.engines] == [3, 3]  # type: ignore[attr-defined]
 
 
 def test_saved_voice_features_are_computed_once_across_restarts(tiny_root: Path, tmp_path: Path) -> None:
