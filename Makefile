@@ -26,7 +26,7 @@ system-deps:
 	@if ! ldconfig -p 2>/dev/null | grep -q libavcodec; then \
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
 	    echo "installing FFmpeg shared libraries (Debian package ffmpeg)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+	    apt-get -o DPkg::Lock::Timeout=900 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq ffmpeg >/dev/null; \
 	  else \
 	    echo "warning: FFmpeg shared libraries not found; install ffmpeg for VoxCPM1.x voice cloning" >&2; \
 	  fi; \

@@ -58,10 +58,20 @@ def _ensure_chromium() -> None:
     if not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get")):
         _unavailable(f"{CHROMIUM} or {CHROMEDRIVER} is missing, and installing needs root and apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, check=False)
-        if done.returncode != 0:
-            _unavailable(f"`{' '.join(cmd)}` failed ({done.returncode}): {done.stderr[-2000:]}")
+    # Both xdist workers may get here at once: one installs, the other waits and then finds it done.
+    # dpkg's own lock is waited for too (another apt run on the machine), instead of failing at once.
+    import fcntl
+
+    with open("/tmp/voxcpm-api-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists():
+            return
+        wait = ["-o", "DPkg::Lock::Timeout=900"]
+        for cmd in (["apt-get", *wait, "update", "-qq"],
+                    ["apt-get", *wait, "install", "-y", "-qq", "chromium", "chromium-driver"]):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, check=False)
+            if done.returncode != 0:
+                _unavailable(f"`{' '.join(cmd)}` failed ({done.returncode}): {done.stderr[-2000:]}")
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         _unavailable(f"apt-get ran but {CHROMIUM} / {CHROMEDRIVER} are still missing")
 

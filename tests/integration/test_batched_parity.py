@@ -342,7 +342,7 @@ def test_mixed_batch_matches_each_request_alone(batched_envs, arch: str) -> None
     # rows per step never exceed max_rows, and some step ran a full batch
     per_step: dict[int, int] = {}
     for row in rows:
-        assert row.steps_seen == sorted(set(row.steps_seen))  # one patch per step, never skipped twice
+        # one patch per step, in consecutive steps from admission to the end
         assert row.steps_seen == list(range(row.steps_seen[0], row.steps_seen[0] + len(row.steps_seen)))
         for step in row.steps_seen:
             per_step[step] = per_step.get(step, 0) + 1
@@ -471,7 +471,7 @@ def test_grouped_decode_equals_each_row_decoded_alone(batched_envs, arch: str) -
         made.drop_patches = drop
         return made
 
-    group = [job(30, 0), job(36, 2), job(40, 3)]
+    group = [job(6, 0), job(7, 2), job(8, 3)]
     assert _decode_groups(group, engine._max_decode_patches()) == [group]  # one AudioVAE call for all three
     alone = [job(0, j.drop_patches, j.latents.clone()) for j in group]
     for single in alone:
@@ -484,8 +484,6 @@ def test_grouped_decode_equals_each_row_decoded_alone(batched_envs, arch: str) -
 
 
 @pytest.mark.xdist_group("batched-parity-voxcpm2")
-@pytest.mark.xfail(strict=True, reason="engine bug: a failed adapter-slot load leaves the adapter marked resident, "
-                                       "so the next request for it silently runs as the base model")
 def test_failed_adapter_slot_load_is_not_left_resident(batched_envs, tiny_root: Path) -> None:
     env = batched_envs("voxcpm2")  # the official result to compare with; its engine is not touched
     engine = BatchedEngine(BatchedConfig(model="tiny-v2", device="cpu", max_rows=2, cache_dir=tiny_root))

@@ -191,7 +191,9 @@ def test_switching_adapters_gives_each_fresh_official_result(engines, official, 
         got, _ = ours(engine, req)
         switch_times.append(engine.lora_runtime.last_switch_s)
         want = official_generate(official(arch, name), arch, req)
-        assert got.shape == want.shape and np.array_equal(got, want), f"{arch} {name}: {max_abs(got, want)}"
+        # Float32 sums on the CPU may round differently between runs (BLAS kernels depend on memory
+        # alignment and threads), so "the same" means equal up to rounding noise, far below TOLERANCE.
+        assert got.shape == want.shape and max_abs(got, want) <= 1e-5, f"{arch} {name}: {max_abs(got, want)}"
     # a pure switch, timed on its own (adapters are in the LRU by now)
     rt = engine.lora_runtime
     specs = [adapter(tiny_checkpoints, arch, n) for n in ("r4_qkvo", "r16_proj_mlp")]
@@ -255,7 +257,7 @@ def test_ckpt_adapter_matches_safetensors(engines, tiny_checkpoints, tmp_path, a
     assert legacy.weights_file.suffix == ".ckpt" and not legacy.module_shapes
     got, _ = ours(engine, request(legacy, seed=2))
     want, _ = ours(engine, request(adapter(tiny_checkpoints, arch, "r16_proj_mlp"), seed=2))
-    assert np.array_equal(got, want)
+    assert got.shape == want.shape and max_abs(got, want) <= 1e-5  # rounding noise only (see above)
 
 
 # ------------------------------------------------------------------------------------------ patches

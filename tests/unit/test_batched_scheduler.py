@@ -205,13 +205,11 @@ def test_blocked_adapter_request_lets_others_pass_at_most_max_skips_times() -> N
     blocked = submit(sched, "b")  # its only adapter slot is pinned by "a"
     p1 = submit(sched)
     p2 = submit(sched, "a")  # a resident adapter is not blocked
-    assert admitted_ids(sched.admit()) == [p1.request_id, p2.request_id]  # skip 1
-    p3 = submit(sched)
-    assert admitted_ids(sched.admit()) == [p3.request_id]  # skip 2
+    assert admitted_ids(sched.admit()) == [p1.request_id, p2.request_id]  # two admissions passed it
     stuck = submit(sched)
-    assert sched.admit() == []  # it has waited long enough: nobody passes it any more
+    assert sched.admit() == []  # its patience is used up: nobody passes it any more
     assert sched.admit() == []
-    assert sched.waiting == 2 and sched.running == 4
+    assert sched.waiting == 2 and sched.running == 3
 
     sched.finish(pinned.request_id)
     assert sched.admit() == []  # p2 still pins "a"
@@ -337,10 +335,10 @@ def test_batch_buckets_up_to() -> None:
 
 
 def test_attention_bucket() -> None:
-    assert MIN_ATTENTION_LEN == 128
-    assert attention_bucket(1, 5120) == 128
-    assert attention_bucket(128, 5120) == 128
-    assert attention_bucket(129, 5120) == 256
+    assert MIN_ATTENTION_LEN == 256
+    assert attention_bucket(1, 5120) == 256
+    assert attention_bucket(256, 5120) == 256
+    assert attention_bucket(257, 5120) == 512
     assert attention_bucket(1025, 5120) == 2048
     assert attention_bucket(5000, 5120) == 5120  # capped at the slot
     assert attention_bucket(10, 64) == 64
@@ -428,3 +426,19 @@ def test_random_sequences_keep_the_invariants(max_rows: int, capacity: int, max_
             if row.adapter_slot is not None:
                 assert adapters.slot_of.get(row.request.adapter_key) == row.adapter_slot
         assert adapters.draining <= set(adapters.slot_of)
+
+
+def test_max_skips_counts_only_admissions_that_pass_a_blocked_request() -> None:
+    """Rounds in which nobody overtakes a blocked request do not use up its patience."""
+    s = Scheduler(max_rows=4, slot_len=100, adapter_slots=1, max_skips=2)
+    s.submit(RowRequest(1, "a", 10, 10, 1))
+    assert [a.request.request_id for a in s.admit()] == [1]  # pins the only adapter slot
+    s.submit(RowRequest(2, "b", 10, 10, 1))
+    assert s.admit() == [] and s.admit() == []  # blocked, but nothing passed it
+    s.submit(RowRequest(3, None, 10, 10, 1))
+    s.submit(RowRequest(4, None, 10, 10, 1))
+    assert [a.request.request_id for a in s.admit()] == [3, 4]  # two passes: its patience is used up
+    s.submit(RowRequest(5, None, 10, 10, 1))
+    assert s.admit() == []  # now request 2 blocks the queue
+    s.finish(1)
+    assert [a.request.request_id for a in s.admit()] == [2, 5]

@@ -8,7 +8,7 @@ worker thread per engine (see tasks/runner.py), so implementations may keep muta
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -39,6 +39,9 @@ class ChunkRequest:
     # Benchmarks only: generate exactly this many patches (the official max_len argument) instead of
     # the official cap min(tokens * 6 + 10, 4096); None = the official behaviour.
     max_patches: int | None = None
+    # Raises (TaskCancelled, ...) when the request should stop. A batching engine calls it while the
+    # request waits for a row, so a queued request can be cancelled before it produces any patch.
+    stop_check: Callable[[], None] | None = field(default=None, compare=False)
 
 
 class Engine(Protocol):

@@ -369,10 +369,16 @@ class EngineRunner:
                 self._events.first_audio("task", time.time() - record.created_at, params.lora_name, params.voice)
             progress.on_patch()
 
+        def stop_check() -> None:  # the same decisions as PatchProgress, for a request still waiting for a row
+            if self._shutdown.is_set():
+                raise ShutdownRequested("server is shutting down")
+            if cancel.is_set():
+                raise TaskCancelled("cancelled by request")
+
         pieces = []
         for index, chunk in enumerate(chunks):
             progress.start_chunk(index)
-            pieces.append(engine.generate(_chunk_request(params, adapter, index, chunk), on_patch))
+            pieces.append(engine.generate(_chunk_request(params, adapter, index, chunk, stop_check), on_patch))
         samples = crossfade_concat(pieces, engine.info.sample_rate_hz)
         return Synthesized(samples=samples, sample_rate_hz=engine.info.sample_rate_hz, num_patches=progress.done_total)
 
@@ -402,11 +408,14 @@ class EngineRunner:
         chunks = self._plan_chunks(params.text, engine.info)
         joiner = StreamCrossfader(engine.info.sample_rate_hz)  # the 40 ms crossfade tasks use, done live
 
-        def on_audio(samples: np.ndarray) -> None:
+        def stop_check() -> None:
             if self._shutdown.is_set():
                 raise ShutdownRequested("server is shutting down")
             if cancel.is_set():
                 raise ClientGone("the client went away")
+
+        def on_audio(samples: np.ndarray) -> None:
+            stop_check()
             ready = joiner.push(samples)
             if ready.size:
                 emit(ready)
@@ -416,7 +425,7 @@ class EngineRunner:
             if cancel.is_set():
                 raise ClientGone("the client went away")
             joiner.start_chunk(last=index == len(chunks) - 1)
-            patches += engine.generate_stream(_chunk_request(params, adapter, index, chunk), on_audio)
+            patches += engine.generate_stream(_chunk_request(params, adapter, index, chunk, stop_check), on_audio)
             ready = joiner.end_chunk()
             if ready.size:
                 emit(ready)
@@ -476,9 +485,11 @@ def is_concurrent(engine: object) -> bool:
     return engine is not None and hasattr(engine, "max_rows") and callable(getattr(engine, "load_summary", None))
 
 
-def _chunk_request(params: SynthesisParams, adapter: AdapterSpec | None, index: int, chunk: str) -> ChunkRequest:
+def _chunk_request(params: SynthesisParams, adapter: AdapterSpec | None, index: int, chunk: str,
+                   stop_check: Callable[[], None] | None = None) -> ChunkRequest:
     """Chunk `index` of a request, for tasks and streams alike."""
     return ChunkRequest(
+        stop_check=stop_check,
         text=chunk, adapter=adapter, cfg_scale=params.cfg_scale, steps=params.steps,
         # chunk i is seeded with seed + i: a chunk's audio does not depend on scheduling
         seed=(params.seed + index) % SEED_MODULUS,

@@ -18,6 +18,7 @@ row's audio never depends on its batch-mates.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -60,7 +61,7 @@ class BatchedConfig:
     cache_dir: Path = field(default_factory=lambda: EngineConfig(model="").cache_dir)
     feature_cache_dir: Path | None = None
     prompt_cache_size: int = 32
-    capture_attention_lens: tuple[int, ...] = (128, 256, 512)  # graphs captured at start-up
+    capture_attention_lens: tuple[int, ...] = (256, 512)  # graphs captured at start-up
     capture_solver_steps: int = 10
 
 
@@ -113,6 +114,7 @@ class BatchedEngine:
         self._decode_q: queue.Queue[_Job] = queue.Queue()
         self._jobs: dict[int, _Job] = {}
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # host copies, LRU
+        self._unregistered: set[str] = set()  # refused until registered again
         self._shapes: dict[str, tuple[int, int]] = {}
         self._token_lock = threading.Lock()
         self._stats_lock = threading.Lock()
@@ -217,9 +219,18 @@ class BatchedEngine:
         key = adapter_key_str(spec)
 
         def drain() -> None:
+            self._unregistered.add(key)
             self._sched.drain_adapter(key)
             self._adapters.pop(key, None)
+            for request_id in self._sched.waiting_ids(key):  # queued, not started: refused like new ones
+                job = self._jobs.get(request_id)
+                if job is not None:
+                    self._finish(job, self._unregistered_error(spec.name))
         self._call_in_loop(drain)
+
+    @staticmethod
+    def _unregistered_error(name: str) -> errors.VoxError:
+        return errors.AdapterMismatch(f"LoRA '{name}' was unloaded from this engine", field="lora_name")
 
     def stats(self) -> dict[str, Any]:
         with self._stats_lock:
@@ -339,6 +350,7 @@ class BatchedEngine:
             while not self._closed.is_set():
                 try:
                     self._drain_inbox()
+                    self._stop_waiting()
                     self._admit()
                     if self._sched.running:
                         self._decode_step()
@@ -366,6 +378,8 @@ class BatchedEngine:
             job.inputs = self._official_inputs(request)
             if request.adapter is not None:
                 job.adapter_key = adapter_key_str(request.adapter)
+                if job.adapter_key in self._unregistered:
+                    raise self._unregistered_error(request.adapter.name)
                 if self._sched.is_draining(job.adapter_key):
                     raise errors.AdapterMismatch(
                         f"LoRA '{request.adapter.name}' is being unloaded from this engine; retry shortly",
@@ -428,6 +442,7 @@ class BatchedEngine:
 
     def _register(self, spec: AdapterSpec) -> None:
         key = adapter_key_str(spec)
+        self._unregistered.discard(key)
         self._sched.adapters.draining.discard(key)
         loaded = self._host_adapter(spec)
         placed = self._sched.adapters.place_idle(key)
@@ -449,19 +464,45 @@ class BatchedEngine:
             self._switch_ms = self._switch_ms[-200:]
             self.stats_counters["adapter_slot_loads"] += 1
 
+    def _stop_waiting(self) -> None:
+        """Requests still queued for a row whose caller gave up (cancel, shutdown, client gone) end now."""
+        for job in list(self._jobs.values()):
+            check = job.request.stop_check
+            if check is None or self._sched.is_running(job.request_id):
+                continue
+            try:
+                check()
+            except errors.VoxError as exc:
+                self._finish(job, exc)
+            except Exception as exc:
+                self._finish(job, errors.EngineFailure(f"generation failed: {_short(exc)}"))
+
     def _admit(self) -> None:
         model = self._model
         assert model is not None
-        ready: list[tuple[_Job, int, int | None]] = []
-        for admission in self._sched.admit():
+        admissions = self._sched.admit()
+        failed: dict[str, Exception] = {}  # adapter key -> why its slot could not be filled
+        for admission in admissions:
             job = self._jobs[admission.request.request_id]
+            if not admission.load_adapter or job.adapter is None or admission.adapter_slot is None:
+                continue
             try:
-                if admission.load_adapter and job.adapter is not None and admission.adapter_slot is not None:
-                    self._load_slot(admission.adapter_slot, job.adapter)
-                ready.append((job, admission.row_slot, admission.adapter_slot))
+                self._load_slot(admission.adapter_slot, job.adapter)
             except Exception as exc:
                 log.exception("adapter load failed")
+                failed[job.adapter_key or ""] = exc
+                with contextlib.suppress(Exception):
+                    model.lora.clear(admission.adapter_slot)  # never leave half-written weights behind
+        ready: list[tuple[_Job, int, int | None]] = []
+        for admission in admissions:
+            job = self._jobs[admission.request.request_id]
+            if job.adapter_key in failed:  # every row of that adapter this round, not just the first
+                exc = failed[job.adapter_key]
                 self._finish(job, errors.EngineFailure(f"could not load the LoRA adapter: {_short(exc)}"))
+                continue
+            ready.append((job, admission.row_slot, admission.adapter_slot))
+        for key in failed:  # its rows are gone: forget the slot, so the next request loads it again
+            self._sched.adapters.remove(key)
         # one batched prefill per group of at most PREFILL_TOKENS padded positions (bounds activation memory)
         group: list[tuple[_Job, int, int | None]] = []
         for item in sorted(ready, key=lambda it: int(it[0].inputs.text.shape[1])):  # type: ignore[union-attr]
@@ -537,8 +578,14 @@ class BatchedEngine:
                     job.on_audio(self._stream_patch(job, slot))
                 if job.on_patch is not None:
                     job.on_patch()
-            except BaseException as exc:  # TaskCancelled, ClientGone, ...: this row alone ends
-                self._finish(job, exc if isinstance(exc, Exception) else errors.TaskCancelled("stopped"))
+            except errors.VoxError as exc:  # TaskCancelled, ClientGone, ShutdownRequested: this row alone ends
+                self._finish(job, exc)
+                continue
+            except Exception as exc:  # a broken callback fails its own row, like any engine failure
+                log.exception("row callback failed")
+                failure = errors.EngineFailure(f"generation failed: {_short(exc)}")
+                failure.__cause__ = exc
+                self._finish(job, failure)
                 continue
             prefilled = job.prefilled
             assert prefilled is not None and job.inputs is not None
