@@ -41,7 +41,12 @@ test: venv
 clean:
 	rm -rf $(VENV) .pytest_cache
 
+# On a CUDA machine: the engine benchmark (official package vs batched engine, both models, results in
+# bench/results/engine-*); always: the service-overhead benchmark (bench/results/service-cpu.*).
 bench: venv
+	@if $(VPY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
+	  $(VPY) bench/bench_engine.py --model voxcpm1.5 $(ARGS) && $(VPY) bench/bench_engine.py --model voxcpm2 $(ARGS); \
+	else echo "no CUDA GPU here: skipping the engine benchmark (make bench-engine ARGS='--tiny --device cpu' smoke-tests it)"; fi
 	$(VPY) bench/bench_service.py
 
 # Official package vs our batched engine on one GPU; e.g. make bench-engine ARGS='--model voxcpm2'

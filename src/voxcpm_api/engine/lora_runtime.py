@@ -35,13 +35,9 @@ from ..lora.catalog import CONFIG_NAME, AdapterSpec, check_adapter_fits
 EXCLUDED_PREFIXES = ("audio_vae.",)
 
 
-class SwitchableLinear(nn.Module):
-    """An nn.Linear stand-in whose LoRA term can be swapped per request.
-
-    `weight` and `bias` are the original module's Parameter objects (same state_dict keys, no
-    copy). `active` is either None (plain linear) or a tuple (A [r, in], B [out, r], scaling
-    0-dim tensor), all already in the weight's dtype and device.
-    """
+class AdoptedLinear(nn.Module):
+    """A stand-in for an nn.Linear that keeps the original module's very Parameter objects (same
+    state_dict keys, no copy); subclasses add their LoRA term in forward()."""
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
@@ -52,6 +48,18 @@ class SwitchableLinear(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = base.bias
+
+
+class SwitchableLinear(AdoptedLinear):
+    """An nn.Linear stand-in whose LoRA term can be swapped per request.
+
+    `weight` and `bias` are the original module's Parameter objects (same state_dict keys, no
+    copy). `active` is either None (plain linear) or a tuple (A [r, in], B [out, r], scaling
+    0-dim tensor), all already in the weight's dtype and device.
+    """
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__(base)
         self.active: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +101,7 @@ def linear_shapes_of(model: nn.Module, exclude: Iterable[str] = EXCLUDED_PREFIXE
     for name, module in model.named_modules():
         if not name or name.startswith(prefixes):
             continue
-        if isinstance(module, (nn.Linear, SwitchableLinear)) or (
+        if isinstance(module, (nn.Linear, AdoptedLinear)) or (
             type(module).__name__ == "LoRALinear" and hasattr(module, "in_features")
         ):
             shapes[name] = (int(module.out_features), int(module.in_features))
@@ -227,9 +235,7 @@ def load_adapter(spec: AdapterSpec, model: nn.Module, shapes: Mapping[str, tuple
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for path, (a, b) in pairs.items():
         target = model.get_submodule(path)
-        if not hasattr(target, "weight") or not hasattr(target, "in_features") or type(target).__name__ not in (
-            "Linear", "SwitchableLinear", "MultiLoRALinear"
-        ):
+        if not isinstance(target, (nn.Linear, AdoptedLinear)):
             raise AdapterMismatch(
                 f"LoRA '{spec.name}' targets '{path}', which is not a plain linear layer here", field="lora_name"
             )
