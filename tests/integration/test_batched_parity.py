@@ -339,6 +339,9 @@ def test_mixed_batch_matches_each_request_alone(batched_envs, arch: str) -> None
     assert delta["prefills"] == len(rows)
     assert delta["rows_stepped"] > delta["steps"]
     assert delta["rows_stepped"] == sum(patches.values())
+    # /metrics' per-adapter counters: every adapter of the batch went into a GPU slot at least once
+    used = {row.request.adapter.name for row in rows if row.request.adapter is not None}
+    assert used and used <= set(engine.lora_runtime.loads)
     # rows per step never exceed max_rows, and some step ran a full batch
     per_step: dict[int, int] = {}
     for row in rows:

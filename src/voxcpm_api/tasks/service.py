@@ -238,11 +238,7 @@ class TaskService:
                 await asyncio.sleep(SYNC_POLL_INTERVAL_S / 5)
 
     async def list_tasks(self, status: TaskStatus | None, limit: int) -> tuple[list[TaskRecord], int, int]:
-        def read() -> tuple[list[TaskRecord], int, int]:
-            return (self.store.list_tasks(status, limit), self.store.count(status),
-                    self.store.count(TaskStatus.PROCESSING))
-
-        return await asyncio.to_thread(read)
+        return await asyncio.to_thread(self.store.listing, status, limit)
 
     async def cancel(self, task_id: str) -> TaskRecord:
         before = await asyncio.to_thread(self.store.request_cancel, task_id)

@@ -139,6 +139,21 @@ class TaskStore:
             rows = self._conn.execute(query, (*args, limit)).fetchall()
         return [_to_record(r) for r in rows]
 
+    def listing(self, status: TaskStatus | None, limit: int) -> tuple[list[TaskRecord], int, int]:
+        """(newest tasks, how many match `status`, how many are processing), read from one snapshot: three
+        separate reads could disagree while tasks change state between them."""
+        where, args = ("WHERE status = ?", (status.value,)) if status is not None else ("", ())
+        with self._lock:
+            self._conn.execute("BEGIN")  # a read transaction: one consistent view, also across processes
+            try:
+                rows = self._conn.execute(f"SELECT * FROM tasks {where} ORDER BY seq DESC LIMIT ?",
+                                          (*args, limit)).fetchall()
+                (total,) = self._conn.execute(f"SELECT COUNT(*) FROM tasks {where}", args).fetchone()
+                (processing,) = self._conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'processing'").fetchone()
+            finally:
+                self._conn.execute("COMMIT")
+        return [_to_record(r) for r in rows], int(total), int(processing)
+
     def count(self, status: TaskStatus | None = None) -> int:
         with self._lock:
             if status is None:

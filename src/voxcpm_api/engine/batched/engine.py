@@ -115,6 +115,8 @@ class BatchedEngine:
         self._jobs: dict[int, _Job] = {}
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # host copies, LRU
         self._unregistered: set[str] = set()  # refused until registered again
+        self._key_names: dict[str, str] = {}  # adapter key -> name, for per-adapter counters
+        self.lora_runtime = AdapterCounters()  # loads into GPU slots / evictions from them, by adapter name
         self._shapes: dict[str, tuple[int, int]] = {}
         self._token_lock = threading.Lock()
         self._stats_lock = threading.Lock()
@@ -433,6 +435,7 @@ class BatchedEngine:
         if loaded is None:
             tts = self._inner.tts_model
             loaded = load_adapter(spec, tts, self._shapes, key=(key,), device="cpu")
+            self._key_names[key] = spec.name
             self._adapters[key] = loaded
             while len(self._adapters) > max(1, self.config.lora_cache_size):
                 self._adapters.popitem(last=False)
@@ -447,7 +450,8 @@ class BatchedEngine:
         loaded = self._host_adapter(spec)
         placed = self._sched.adapters.place_idle(key)
         if placed is not None:
-            slot, _evicted = placed
+            slot, evicted = placed
+            self._count_eviction(evicted)
             self._load_slot(slot, loaded)
 
     def _load_slot(self, slot: int, adapter: LoadedAdapter) -> None:
@@ -460,6 +464,7 @@ class BatchedEngine:
         if self._model.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         with self._stats_lock:
+            self.lora_runtime.loads[adapter.name] = self.lora_runtime.loads.get(adapter.name, 0) + 1
             self._switch_ms.append((time.perf_counter() - started) * 1000)
             self._switch_ms = self._switch_ms[-200:]
             self.stats_counters["adapter_slot_loads"] += 1
@@ -477,6 +482,13 @@ class BatchedEngine:
             except Exception as exc:
                 self._finish(job, errors.EngineFailure(f"generation failed: {_short(exc)}"))
 
+    def _count_eviction(self, key: str | None) -> None:
+        if key is None:
+            return
+        name = self._key_names.get(key, key)
+        with self._stats_lock:
+            self.lora_runtime.evictions[name] = self.lora_runtime.evictions.get(name, 0) + 1
+
     def _admit(self) -> None:
         model = self._model
         assert model is not None
@@ -486,6 +498,7 @@ class BatchedEngine:
             job = self._jobs[admission.request.request_id]
             if not admission.load_adapter or job.adapter is None or admission.adapter_slot is None:
                 continue
+            self._count_eviction(admission.evicted_key)
             try:
                 self._load_slot(admission.adapter_slot, job.adapter)
             except Exception as exc:
@@ -695,6 +708,14 @@ class BatchedEngine:
                              self._sched.adapters.resident())
         with self._stats_lock:
             self._summary = summary
+
+
+@dataclass
+class AdapterCounters:
+    """What /metrics reads as `engine.lora_runtime` (the same names as lora_runtime.LoRARuntime's)."""
+
+    loads: dict[str, int] = field(default_factory=dict)
+    evictions: dict[str, int] = field(default_factory=dict)
 
 
 def _decode_groups(jobs: list[_Job], max_patches: int) -> list[list[_Job]]:
