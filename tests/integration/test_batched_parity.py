@@ -30,6 +30,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from official_calls import official_generate
+
 from voxcpm_api import errors
 from voxcpm_api.engine.base import ChunkRequest
 from voxcpm_api.engine.batched.engine import BatchedConfig, BatchedEngine
@@ -123,22 +125,6 @@ class Env:
         info = self.batched.info
         assert info is not None
         return round(info.patch_duration_s * info.sample_rate_hz)
-
-
-def official_generate(vox, arch: str, req: ChunkRequest) -> np.ndarray:
-    """As a user calls the official package (same as tests/integration/test_engine_parity.py)."""
-    kwargs: dict = {"text": req.text, "cfg_value": req.cfg_scale, "inference_timesteps": req.steps,
-                    "retry_badcase": False, "normalize": req.normalize}
-    if req.ref_audio_path is not None:
-        if arch == "voxcpm":
-            kwargs.update(prompt_wav_path=req.ref_audio_path, prompt_text=req.ref_text)
-        elif req.ref_text:
-            kwargs.update(prompt_wav_path=req.ref_audio_path, prompt_text=req.ref_text,
-                          reference_wav_path=req.ref_audio_path)
-        else:
-            kwargs.update(reference_wav_path=req.ref_audio_path)
-    torch.manual_seed(req.seed)
-    return vox.generate(**kwargs)
 
 
 def max_abs(a: np.ndarray, b: np.ndarray) -> float:

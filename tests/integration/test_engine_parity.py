@@ -19,6 +19,8 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
+from official_calls import official_generate
+
 from voxcpm_api import errors
 from voxcpm_api.engine.base import ChunkRequest
 from voxcpm_api.engine.voxcpm_engine import EngineConfig, ModelUnavailable, VoxCPMEngine, official_patch_cap
@@ -108,21 +110,6 @@ def request(spec: AdapterSpec | None, *, seed: int = SEED, text: str = TEXT, ref
             ref_text: str | None = None, cfg: float = 2.0, steps: int = 10, normalize: bool = False) -> ChunkRequest:
     return ChunkRequest(text=text, adapter=spec, cfg_scale=cfg, steps=steps, seed=seed,
                         ref_audio_path=str(ref) if ref is not None else None, ref_text=ref_text, normalize=normalize)
-
-
-def official_generate(vox, arch: str, req: ChunkRequest) -> np.ndarray:
-    kwargs: dict = {"text": req.text, "cfg_value": req.cfg_scale, "inference_timesteps": req.steps,
-                    "retry_badcase": False, "normalize": req.normalize}
-    if req.ref_audio_path is not None:
-        if arch == "voxcpm":
-            kwargs.update(prompt_wav_path=req.ref_audio_path, prompt_text=req.ref_text)
-        elif req.ref_text:
-            kwargs.update(prompt_wav_path=req.ref_audio_path, prompt_text=req.ref_text,
-                          reference_wav_path=req.ref_audio_path)
-        else:
-            kwargs.update(reference_wav_path=req.ref_audio_path)
-    torch.manual_seed(req.seed)
-    return vox.generate(**kwargs)
 
 
 def ours(engine: VoxCPMEngine, req: ChunkRequest) -> tuple[np.ndarray, int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,17 +184,8 @@ class LoRARuntime:
 
     def _wrap(self, paths: Iterable[str]) -> None:
         for path in paths:
-            if path in self._wrappers:
-                continue
-            module = self._model.get_submodule(path)
-            if isinstance(module, SwitchableLinear):
-                self._wrappers[path] = module
-                continue
-            parent_path, _, leaf = path.rpartition(".")
-            parent = self._model.get_submodule(parent_path) if parent_path else self._model
-            wrapper = SwitchableLinear(module)
-            setattr(parent, leaf, wrapper)
-            self._wrappers[path] = wrapper
+            if path not in self._wrappers:
+                self._wrappers[path] = wrap_linear(self._model, path, SwitchableLinear, SwitchableLinear)
 
     # ------------------------------------------------------------------ loading + validation
 
@@ -202,6 +193,19 @@ class LoRARuntime:
         loaded = load_adapter(spec, self._model, self.linear_shapes(), key=key)
         self.last_load_s = loaded.load_s
         return loaded
+
+
+def wrap_linear(model: nn.Module, path: str, kind: type[AdoptedLinear],
+                make: Callable[[nn.Linear], AdoptedLinear]) -> AdoptedLinear:
+    """The `kind` wrapper at `path` in `model`: the one already there, or `make(linear)` put in its place."""
+    module = model.get_submodule(path)
+    if isinstance(module, kind):
+        return module
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    wrapper = make(module)
+    setattr(parent, leaf, wrapper)
+    return wrapper
 
 
 def load_adapter(spec: AdapterSpec, model: nn.Module, shapes: Mapping[str, tuple[int, int]], *, key: tuple,

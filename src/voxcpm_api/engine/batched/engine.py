@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -732,6 +731,3 @@ def _decode_groups(jobs: list[_Job], max_patches: int) -> list[list[_Job]]:
         groups.append([job])
     return groups
 
-
-def default_rows_for_device(device: str) -> int:
-    return 64 if device.startswith("cuda") else int(os.environ.get("VOXCPM_CPU_ROWS", "8"))

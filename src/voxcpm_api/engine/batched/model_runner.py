@@ -61,7 +61,6 @@ class Prefilled:
     prompt_len: int  # positions written into the KV slot
     context: list[torch.Tensor]  # prompt patches the official decode prepends, each (P, D)
     context_len: int  # leading decoded patches the official output drops (see trim_samples)
-    has_prompt_audio: bool
 
 
 class BatchedModel:
@@ -250,19 +249,19 @@ class BatchedModel:
             prefix_len = 4  # VoxCPM2Model._generate_with_prompt_cache's streaming_prefix_len default
             has_audio = bool(mask[-1].item() == 1)
             if not has_audio:
-                return Prefilled(length, [], 0, bool(mask.sum().item() > 0))
+                return Prefilled(length, [], 0)
             indices = mask.nonzero(as_tuple=True)[0]
             context_len = min(prefix_len - 1, len(indices))
             patches = [feat[0, i] for i in indices[-context_len:].tolist()]
-            return Prefilled(length, patches, context_len, True)
+            return Prefilled(length, patches, context_len)
         prefix_len = 3  # VoxCPMModel._generate_with_prompt_cache's streaming_prefix_len default
         audio_count = int(mask.sum().item())
         if audio_count == 0:
-            return Prefilled(length, [], 0, False)
+            return Prefilled(length, [], 0)
         context_len = min(prefix_len - 1, audio_count)
         patches = [feat[0, -context_len + i] for i in range(context_len)]
         # VoxCPM 1.x drops (streaming_prefix_len - 1) patches of audio whenever the prompt has audio
-        return Prefilled(length, patches, prefix_len - 1, True)
+        return Prefilled(length, patches, prefix_len - 1)
 
     # ------------------------------------------------------------------ one decode step
 
@@ -381,18 +380,14 @@ class BatchedModel:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             self._step_body(rows, att_len, solver_steps, with_lora)
+        # The warm-up also wrote one KV position per row, at `pos` (restored above): beyond each row's valid
+        # length, and the next real step rewrites it, so the KV cache needs no undoing.
         for name, value in saved.items():
             getattr(self, name)[:rows].copy_(value)
-        self._restore_kv(rows)
         self.graph_captures += 1
         return graph
 
     _mutable = ("lm_h", "res_h", "cond", "pos", "patch_idx", "latents", "out_feat", "out_stop")
-
-    def _restore_kv(self, rows: int) -> None:
-        # A step writes one KV position per row (at pos, which was restored above); those positions are
-        # beyond each row's valid length, so nothing needs undoing there: the next real step rewrites them.
-        return None
 
     def warm_up(self, batch_sizes: list[int], att_lens: list[int], solver_steps: int) -> None:
         """Capture the common graphs now (start-up), so first requests do not pay for capture."""

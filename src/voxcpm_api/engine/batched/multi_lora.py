@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lora_runtime import AdoptedLinear
+from ..lora_runtime import AdoptedLinear, wrap_linear
 
 
 class LoRAContext:
@@ -117,15 +117,8 @@ class SlotWeights:
         self._write(slot, None)
 
     def _wrap(self, path: str) -> None:
-        module = self.model.get_submodule(path)
-        if isinstance(module, MultiLoRALinear):
-            self.wrappers[path] = module
-            return
-        parent_path, _, leaf = path.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        wrapper = MultiLoRALinear(module, self.context)
-        setattr(parent, leaf, wrapper)
-        self.wrappers[path] = wrapper
+        wrapper = wrap_linear(self.model, path, MultiLoRALinear, lambda base: MultiLoRALinear(base, self.context))
+        self.wrappers[path] = wrapper  # type: ignore[assignment]
 
     def _reallocate(self) -> None:
         for wrapper in self.wrappers.values():
