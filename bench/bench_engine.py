@@ -657,7 +657,8 @@ def adapter_switch_ms(stats: dict) -> float | None:
 
 
 def stats_delta(before: dict, after: dict) -> dict:
-    """Integer counters of engine.stats() that moved during the timed rounds (steps, rows stepped, ...)."""
+    """Counters of engine.stats() that moved during the timed rounds: integers (steps, rows stepped, ...)
+    and the milliseconds spent per phase (`*_ms_total`: steps, prefills, AudioVAE decodes, ...)."""
     delta = {
         key: after[key] - before[key]
         for key in after
@@ -666,6 +667,9 @@ def stats_delta(before: dict, after: dict) -> dict:
         and isinstance(before.get(key), int)
         and after[key] != before[key]
     }
+    for key in after:
+        if key.endswith("_ms_total") and isinstance(after[key], (int, float)) and isinstance(before.get(key), (int, float)):
+            delta[key] = rnd(after[key] - before[key], 1)
     if delta.get("steps") and "rows_stepped" in delta:
         delta["rows_per_step"] = rnd(delta["rows_stepped"] / delta["steps"], 2)  # how full the batches were
     return delta
@@ -1058,6 +1062,7 @@ def render_markdown(data: dict) -> str:
                 f"{_fmt(v.get('adapter_switch_ms'))} | {v['errors']} |"
             )
         lines.append("")
+        lines.extend(_phase_table(ours.get("configs") or {}))
 
     for section in ("skipped", "errors"):
         if data.get(section):
@@ -1066,6 +1071,26 @@ def render_markdown(data: dict) -> str:
             lines.extend(f"- {m}" for m in data[section])
             lines.append("")
     return "\n".join(lines)
+
+
+def _phase_table(configs: dict) -> list[str]:
+    """Where the timed rounds' wall time went, from the engine's per-phase totals (loop thread: steps,
+    prefills, request preparation; decode thread: AudioVAE decodes, which overlap the loop)."""
+    rows = []
+    for v in sorted(configs.values(), key=lambda v: (v["concurrency"], v["loras"])):
+        delta = v.get("stats_delta") or {}
+        wall_ms = 1000 * sum(v.get("round_wall_s") or [])
+        if not wall_ms or "step_ms_total" not in delta:
+            continue
+        cells = [f"{_fmt(delta.get(f'{phase}_ms_total'))} ({100 * delta.get(f'{phase}_ms_total', 0) / wall_ms:.0f} %)"
+                 for phase in ("step", "prefill", "prepare", "vae_decode")]
+        rows.append(f"| {v['concurrency']} | {v['loras']} | {wall_ms:.0f} | {delta.get('steps', 0)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["Where the timed rounds' wall time went (ms, share of the rounds' wall time; AudioVAE decodes run "
+            "on their own thread and can overlap steps):", "",
+            "| concurrency | LoRAs | rounds' wall | steps | in steps | in prefills | preparing requests | "
+            "AudioVAE decodes |", "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 # --------------------------------------------------------------------------------------------- #

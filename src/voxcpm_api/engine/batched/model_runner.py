@@ -63,9 +63,51 @@ class Prefilled:
     context_len: int  # leading decoded patches the official output drops (see trim_samples)
 
 
+def _attention_inputs(layer: Any, x: torch.Tensor, cos: torch.Tensor | None,
+                      sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`MiniCPMDecoderLayer.forward_step` up to the KV write: norm, projections, rotary. x: (B, H) ->
+    q (B, heads, 1, head_dim), k and v (B, kv_heads, 1, head_dim)."""
+    rows = x.shape[0]
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(rows, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+    if cos is not None and sin is not None:
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q.contiguous(), k, v
+
+
+def _attention_output(layer: Any, residual: torch.Tensor, out: torch.Tensor, depth: float | None) -> torch.Tensor:
+    """The rest of `MiniCPMDecoderLayer.forward_step`: output projection, residuals, MLP.
+    residual: (B, H); out: (B, heads, 1, head_dim) -> (B, H)."""
+    rows = residual.shape[0]
+    attn = layer.self_attn
+    out = attn.o_proj(out.transpose(1, 2).reshape(rows, attn.num_heads * attn.head_dim))
+    x = residual + (out * depth if depth is not None else out)
+    h = layer.mlp(layer.post_attention_layernorm(x))
+    return x + (h * depth if depth is not None else h)
+
+
+def _guided_euler_step(out: torch.Tensor, x: torch.Tensor, cfg: torch.Tensor, dt: torch.Tensor,
+                       zero: torch.Tensor) -> torch.Tensor:
+    """One step of `UnifiedCFM.solve_euler` with cfg-zero-star guidance, per row.
+    out: (2B, D, P) velocities (conditioned rows, then unconditioned); x: (B, D, P); cfg: (B, 1, 1);
+    dt: (B,); zero: (B,) True where the official solver uses dphi = 0."""
+    rows = x.shape[0]
+    pos_v, neg_v = out[:rows], out[rows:]
+    pos_flat, neg_flat = pos_v.reshape(rows, -1), neg_v.reshape(rows, -1)
+    dot = torch.sum(pos_flat * neg_flat, dim=1, keepdim=True)
+    norm = torch.sum(neg_flat**2, dim=1, keepdim=True) + 1e-8
+    st_star = (dot / norm).view(rows, 1, 1)
+    dphi = neg_v * st_star + cfg * (pos_v - neg_v * st_star)
+    dphi = torch.where(zero.view(rows, 1, 1), torch.zeros_like(dphi), dphi)
+    return x - dt.view(rows, 1, 1) * dphi
+
+
 class BatchedModel:
     def __init__(self, tts: Any, architecture: str, max_rows: int, slot_len: int, lora_slots: int,
-                 cuda_graphs: bool, compile_dit: bool = False) -> None:
+                 cuda_graphs: bool, compile_scope: str = "off") -> None:
         self.tts = tts
         self.v2 = architecture == "voxcpm2"
         self.device = next(tts.parameters()).device
@@ -80,14 +122,10 @@ class BatchedModel:
         self.estimator = tts.feat_decoder.estimator
         self.feat_encoder = tts.feat_encoder
         self._lm_step_fn = self._lm_step
-        if compile_dit and self.device.type == "cuda":
-            # The DiT solve is most of a step and its kernels are many and small: let inductor fuse the
-            # estimator and the local encoder (pure functions of their inputs; the batch dim is dynamic,
-            # so one compile serves every bucket). Our CUDA graphs then capture the compiled kernels.
-            self.estimator = torch.compile(self.estimator, dynamic=True, fullgraph=False)
-            self.feat_encoder = torch.compile(self.feat_encoder, dynamic=True, fullgraph=False)
-            # The LM step stays eager (inside the CUDA graph): compiling it too took ~290 s of start-up on
-            # an H100 for VoxCPM1.5 (measured 2026-11-25), for a part that is about a third of the step.
+        self._attn_in, self._attn_out, self._euler = _attention_inputs, _attention_output, _guided_euler_step
+        self.compiled = compile_scope if compile_scope != "off" and self.device.type == "cuda" else "off"
+        if self.compiled != "off":
+            self._compile(self.compiled)
         self.mean_mode = bool(tts.feat_decoder.mean_mode)
         self.max_solver_steps = 0
         lm_cfg = tts.config.lm_config
@@ -97,6 +135,33 @@ class BatchedModel:
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.graph_captures = 0
         self._allocate(16)
+
+    def _compile(self, scope: str) -> None:
+        """torch.compile (inductor) the step's small element-wise work, which otherwise is thousands of
+        tiny kernels per step; our CUDA graphs then capture the fused kernels (ADR 0007).
+
+        "regional" compiles one transformer layer's code and reuses it for every layer: every
+        `MiniCPMDecoderLayer` (DiT, local encoder, and both LMs for prefills), our two halves of an LM
+        layer's step around the KV write, and the guided Euler update. Compile time grows with one layer, not with the model's depth, and inductor's cache
+        on disk (see `inductor_cache_dir`) makes a restart reuse the kernels.
+        "dit" compiles the whole DiT estimator and local encoder as single graphs (earlier scope,
+        kept for comparison in the benchmark)."""
+        # one code object serves many shapes (rows buckets x LMs x DiT): allow that many variants
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if scope == "dit":
+            self.estimator = torch.compile(self.estimator, dynamic=True, fullgraph=False)
+            self.feat_encoder = torch.compile(self.feat_encoder, dynamic=True, fullgraph=False)
+            return
+        if scope != "regional":
+            raise ValueError(f"unknown compile scope {scope!r}")
+        self._attn_in = torch.compile(_attention_inputs, dynamic=True)
+        self._attn_out = torch.compile(_attention_output, dynamic=True)
+        self._euler = torch.compile(_guided_euler_step, dynamic=True)
+        # whole-sequence layers: the DiT and the local encoder in every step, both LMs in prefills (where
+        # an eager layer is ~80 launches and a prefill was CPU-bound at ~50 ms for one short prompt)
+        for stack in (self.estimator.decoder, self.feat_encoder.encoder, self.tts.base_lm, self.tts.residual_lm):
+            for layer in stack.layers:
+                layer.compile(dynamic=True)
 
     # ------------------------------------------------------------------ buffers
 
@@ -211,40 +276,43 @@ class BatchedModel:
             res_out, res_kv = tts.residual_lm(inputs_embeds=res_in, is_causal=True)
         finally:
             self._lora_rows(None)
-        results = []
-        for i, (row, inputs, adapter_slot) in enumerate(items):
-            n = lengths[i]
-            for layer, (k, v) in enumerate(kv):
-                self.kv_base[layer, 0, row, :, :n] = k[i, :, :n]
-                self.kv_base[layer, 1, row, :, :n] = v[i, :, :n]
-            for layer, (k, v) in enumerate(res_kv):
-                self.kv_res[layer, 0, row, :, :n] = k[i, :, :n]
-                self.kv_res[layer, 1, row, :, :n] = v[i, :, :n]
-            self.lm_h[row] = enc_out[i, n - 1]
-            self.res_h[row] = res_out[i, n - 1]
-            self.cond[row] = inputs.feat[0, -1]  # the official prefix_feat_cond: the prompt's last patch
-            self.pos[row] = n
-            self.patch_idx[row] = 0
-            self.cfg[row] = inputs.cfg_value
-            self.adapter[row] = adapters[i]
-            self._set_schedule(row, inputs.steps)
-            results.append(self._context(inputs.feat, inputs.feat_mask, n))
-        return results
+        # Write every row's state with a few batched copies (a per-row, per-layer loop was thousands of
+        # tiny copies per prefill). KV positions past a row's own length hold its padding's keys: the
+        # decode step writes position p before it lets the row attend to it, so they are never read.
+        dev = self.device
+        row_ids = torch.tensor([row for row, _, _ in items], device=dev)
+        last = torch.tensor([n - 1 for n in lengths], device=dev)
+        batch = torch.arange(rows, device=dev)
+        for cache, layers in ((self.kv_base, kv), (self.kv_res, res_kv)):
+            for layer, (k, v) in enumerate(layers):  # k, v: (B, kv_heads, T, head_dim)
+                cache[layer, 0, row_ids, :, :longest] = k
+                cache[layer, 1, row_ids, :, :longest] = v
+        self.lm_h[row_ids] = enc_out[batch, last]
+        self.res_h[row_ids] = res_out[batch, last]
+        self.cond[row_ids] = feat[batch, last]  # the official prefix_feat_cond: the prompt's last patch
+        self.pos[row_ids] = last + 1
+        self.patch_idx[row_ids] = 0
+        self.cfg[row_ids] = torch.tensor([inputs.cfg_value for _, inputs, _ in items], device=dev, dtype=self.dtype).view(-1, 1, 1)
+        self.adapter[row_ids] = torch.tensor(adapters, device=dev)
+        self._set_schedules(row_ids, [inputs.steps for _, inputs, _ in items])
+        masks = feat_mask.cpu()  # one device sync for every row's prompt layout
+        return [self._context(feat[i:i + 1, :n], masks[i, :n], n) for i, n in enumerate(lengths)]
 
-    def _set_schedule(self, row: int, steps: int) -> None:
-        self._resize_schedule(steps)
-        ts, dts, zeros = self._schedule(steps)
-        self.t_tab[row].zero_()
-        self.dt_tab[row].zero_()  # rows with fewer steps than the batch: dt = 0 leaves x unchanged
-        self.zero_tab[row].fill_(True)
-        self.t_tab[row, :steps] = ts
-        self.dt_tab[row, :steps] = dts
-        self.zero_tab[row, :steps] = zeros
+    def _set_schedules(self, row_ids: torch.Tensor, steps: list[int]) -> None:
+        """Each row's Euler table; rows with fewer steps than the table get dt = 0 (x unchanged), t = 0."""
+        self._resize_schedule(max(steps))
+        width = self.max_solver_steps
+        t_rows = torch.zeros(len(steps), width, device=self.device, dtype=self.dtype)
+        dt_rows = torch.zeros_like(t_rows)
+        zero_rows = torch.ones(len(steps), width, device=self.device, dtype=torch.bool)
+        for i, n in enumerate(steps):
+            ts, dts, zeros = self._schedule(n)
+            t_rows[i, :n], dt_rows[i, :n], zero_rows[i, :n] = ts, dts, zeros
+        self.t_tab[row_ids], self.dt_tab[row_ids], self.zero_tab[row_ids] = t_rows, dt_rows, zero_rows
 
-    def _context(self, feat: torch.Tensor, feat_mask: torch.Tensor, length: int) -> Prefilled:
+    def _context(self, feat: torch.Tensor, mask: torch.Tensor, length: int) -> Prefilled:
         """Prompt patches the official decode prepends (streaming_prefix_len - 1 of them at most) and how
-        many leading patches of decoded audio it then drops."""
-        mask = feat_mask[0]
+        many leading patches of decoded audio it then drops. feat: (1, T, P, D); mask: (T,) on the CPU."""
         if self.v2:
             prefix_len = 4  # VoxCPM2Model._generate_with_prompt_cache's streaming_prefix_len default
             has_audio = bool(mask[-1].item() == 1)
@@ -269,6 +337,7 @@ class BatchedModel:
         """`MiniCPMModel.forward_step` for B rows at their own positions. x: (B, H) -> (B, H)."""
         rows = x.shape[0]
         cfg = lm.config
+        cos = sin = None
         if lm.rope_emb is not None:
             cos, sin = lm.rope_emb(pos)  # (B, head_dim)
             cos, sin = cos.view(rows, 1, 1, -1), sin.view(rows, 1, 1, -1)
@@ -276,25 +345,15 @@ class BatchedModel:
         mask = (torch.arange(att_len, device=x.device).view(1, -1) <= pos.view(-1, 1)).view(rows, 1, 1, att_len)
         depth = cfg.scale_depth / math.sqrt(cfg.num_hidden_layers) if cfg.use_mup else None
         for index, layer in enumerate(lm.layers):
-            attn = layer.self_attn
-            residual = x
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(rows, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-            if lm.rope_emb is not None:
-                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k, v = self._attn_in(layer, x, cos, sin)
+            # the KV write and the attention stay outside the compiled regions: they index the shared slot cache
             k_cache = kv[index, 0, :rows]  # (B, kv_heads, slot_len, head_dim)
             v_cache = kv[index, 1, :rows]
             k_cache[row_ids, :, pos] = k[:, :, 0]
             v_cache[row_ids, :, pos] = v[:, :, 0]
-            out = F.scaled_dot_product_attention(q.contiguous(), k_cache[:, :, :att_len], v_cache[:, :, :att_len],
-                                                 attn_mask=mask, enable_gqa=True)
-            out = attn.o_proj(out.transpose(1, 2).reshape(rows, attn.num_heads * attn.head_dim))
-            x = residual + (out * depth if depth is not None else out)
-            residual = x
-            h = layer.mlp(layer.post_attention_layernorm(x))
-            x = residual + (h * depth if depth is not None else h)
+            out = F.scaled_dot_product_attention(q, k_cache[:, :, :att_len], v_cache[:, :, :att_len],
+                                                 attn_mask=mask, enable_gqa=True)  # (B, heads, 1, head_dim)
+            x = self._attn_out(layer, x, out, depth)
         return lm.norm(x)
 
     def _step_body(self, rows: int, att_len: int, solver_steps: int, with_lora: bool) -> None:
@@ -322,14 +381,7 @@ class BatchedModel:
             t_in = torch.cat((t, t))
             dt_in = torch.cat((dt, dt)) if self.mean_mode else torch.zeros_like(t_in)
             out = self.estimator(torch.cat((x, x)), mu_in, t_in, cond_in, dt_in)
-            pos_v, neg_v = out[:rows], out[rows:]
-            pos_flat, neg_flat = pos_v.reshape(rows, -1), neg_v.reshape(rows, -1)
-            dot = torch.sum(pos_flat * neg_flat, dim=1, keepdim=True)
-            norm = torch.sum(neg_flat**2, dim=1, keepdim=True) + 1e-8
-            st_star = (dot / norm).view(rows, 1, 1)
-            dphi = neg_v * st_star + cfg * (pos_v - neg_v * st_star)
-            dphi = torch.where(self.zero_tab[:rows, k].view(rows, 1, 1), torch.zeros_like(dphi), dphi)
-            x = x - dt.view(rows, 1, 1) * dphi
+            x = self._euler(out, x, cfg, dt, self.zero_tab[:rows, k])
         pred = x.transpose(1, 2)  # (B, P, D)
         # --- feedback, stop decision and both LM steps
         self.lora_context.mask = adapter_rows
