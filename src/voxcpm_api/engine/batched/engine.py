@@ -155,10 +155,6 @@ class BatchedEngine:
             torch.cuda.set_device(device)
             if self.config.compile:
                 _persist_compiled_kernels(self.config.cache_dir)
-            # cuDNN attention builds an execution plan for every new prompt length it sees: 70-150 ms on
-            # the first prefill of each length (measured on an H100, 2026-11-25), which real traffic hits
-            # on nearly every request. The flash and memory-efficient kernels need no plan.
-            torch.backends.cuda.enable_cudnn_sdp(False)
         try:
             self._model = BatchedModel(tts, info.architecture, self.config.max_rows, self.config.max_seq_len,
                                        self.config.lora_slots, self.config.cuda_graphs,

@@ -34,12 +34,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from voxcpm.modules.minicpm4.model import apply_rotary_pos_emb
 
 from .multi_lora import LoRAContext, SlotWeights
 from .scheduler import attention_bucket
 
 log = logging.getLogger("voxcpm_api.engine.batched")
+# Prefill attention without cuDNN: cuDNN builds an execution plan for every new prompt length, 70-150 ms
+# on the first prefill of each length (H100, 2026-11-25), which real traffic hits on nearly every request.
+# Decode steps keep every backend: their shapes are fixed per captured graph, so plans are built once.
+_PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -248,7 +253,6 @@ class BatchedModel:
         every layer before the loop is causal or works per patch, so padding after a prompt never
         changes that prompt's positions, and each row keeps only its own positions.
         """
-        tts = self.tts
         lengths = [int(inputs.text.shape[1]) for _, inputs, _ in items]
         rows, longest = len(items), max(lengths)
         first = items[0][1]
@@ -264,16 +268,8 @@ class BatchedModel:
         with_lora = any(slot is not None for _, _, slot in items)
         self._lora_rows(torch.tensor(adapters, device=self.device) if with_lora else None)
         try:
-            feat_embed = tts.enc_to_lm_proj(tts.feat_encoder(feat))  # (B, T, H)
-            text_embed = tts.base_lm.embed_tokens(text) * self.scale_emb
-            combined = text_mask.unsqueeze(-1) * text_embed + feat_mask.unsqueeze(-1) * feat_embed
-            enc_out, kv = tts.base_lm(inputs_embeds=combined, is_causal=True)
-            enc_out = tts.fsq_layer(enc_out) * feat_mask.unsqueeze(-1) + enc_out * text_mask.unsqueeze(-1)
-            if self.v2:
-                res_in = tts.fusion_concat_proj(torch.cat((enc_out, feat_mask.unsqueeze(-1) * feat_embed), dim=-1))
-            else:
-                res_in = enc_out + feat_mask.unsqueeze(-1) * feat_embed
-            res_out, res_kv = tts.residual_lm(inputs_embeds=res_in, is_causal=True)
+            with sdpa_kernel(_PREFILL_ATTENTION):
+                enc_out, kv, res_out, res_kv, feat_embed = self._prefill_forward(text, text_mask, feat, feat_mask)
         finally:
             self._lora_rows(None)
         # Write every row's state with a few batched copies (a per-row, per-layer loop was thousands of
@@ -297,6 +293,22 @@ class BatchedModel:
         self._set_schedules(row_ids, [inputs.steps for _, inputs, _ in items])
         masks = feat_mask.cpu()  # one device sync for every row's prompt layout
         return [self._context(feat[i:i + 1, :n], masks[i, :n], n) for i, n in enumerate(lengths)]
+
+    def _prefill_forward(self, text: torch.Tensor, text_mask: torch.Tensor, feat: torch.Tensor,
+                         feat_mask: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor, list, torch.Tensor]:
+        """The official prompt pass: local encoder, text-semantic LM, FSQ, residual LM. (B, T, ...) inputs."""
+        tts = self.tts
+        feat_embed = tts.enc_to_lm_proj(tts.feat_encoder(feat))  # (B, T, H)
+        text_embed = tts.base_lm.embed_tokens(text) * self.scale_emb
+        combined = text_mask.unsqueeze(-1) * text_embed + feat_mask.unsqueeze(-1) * feat_embed
+        enc_out, kv = tts.base_lm(inputs_embeds=combined, is_causal=True)
+        enc_out = tts.fsq_layer(enc_out) * feat_mask.unsqueeze(-1) + enc_out * text_mask.unsqueeze(-1)
+        if self.v2:
+            res_in = tts.fusion_concat_proj(torch.cat((enc_out, feat_mask.unsqueeze(-1) * feat_embed), dim=-1))
+        else:
+            res_in = enc_out + feat_mask.unsqueeze(-1) * feat_embed
+        res_out, res_kv = tts.residual_lm(inputs_embeds=res_in, is_causal=True)
+        return enc_out, kv, res_out, res_kv, feat_embed
 
     def _set_schedules(self, row_ids: torch.Tensor, steps: list[int]) -> None:
         """Each row's Euler table; rows with fewer steps than the table get dt = 0 (x unchanged), t = 0."""
