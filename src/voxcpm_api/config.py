@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # which may import torch), or a comma list normalised to "cuda:0,cuda:1" / "cpu" / "cpu,cpu".
     devices: str = "auto"
     engine: EngineKind = "batched"  # batched = rows of many requests per decode step; official = sequential
-    compile: bool = False  # torch.compile on CUDA for --engine official (minutes of warm-up; off by default)
+    compile: bool = False  # torch.compile on CUDA: batched = regional (~50 s first start), official = minutes
     lora_slots: int = Field(8, ge=1, le=256)  # --engine batched: GPU-resident adapter slots per engine
     max_seq_len: int = Field(4096 + 1024, ge=64, le=1 << 20)  # --engine batched: KV positions per row
     cuda_graphs: bool = True  # --engine batched: capture decode steps as CUDA graphs

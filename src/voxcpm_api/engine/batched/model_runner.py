@@ -147,8 +147,9 @@ class BatchedModel:
 
         "regional" compiles one transformer layer's code and reuses it for every layer: every
         `MiniCPMDecoderLayer` (DiT, local encoder, and both LMs for prefills), our two halves of an LM
-        layer's step around the KV write, and the guided Euler update. Compile time grows with one layer, not with the model's depth, and inductor's cache
-        on disk (see `inductor_cache_dir`) makes a restart reuse the kernels.
+        layer's step around the KV write, and the guided Euler update. Compile time grows with one
+        layer, not with the model's depth, and inductor's cache on disk (engine._persist_compiled_kernels)
+        makes a restart reuse the kernels.
         "dit" compiles the whole DiT estimator and local encoder as single graphs (earlier scope,
         kept for comparison in the benchmark)."""
         # one code object serves many shapes (rows buckets x LMs x DiT): allow that many variants
@@ -288,7 +289,8 @@ class BatchedModel:
         self.cond[row_ids] = feat[batch, last]  # the official prefix_feat_cond: the prompt's last patch
         self.pos[row_ids] = last + 1
         self.patch_idx[row_ids] = 0
-        self.cfg[row_ids] = torch.tensor([inputs.cfg_value for _, inputs, _ in items], device=dev, dtype=self.dtype).view(-1, 1, 1)
+        cfg_values = [inputs.cfg_value for _, inputs, _ in items]
+        self.cfg[row_ids] = torch.tensor(cfg_values, device=dev, dtype=self.dtype).view(-1, 1, 1)
         self.adapter[row_ids] = torch.tensor(adapters, device=dev)
         self._set_schedules(row_ids, [inputs.steps for _, inputs, _ in items])
         masks = feat_mask.cpu()  # one device sync for every row's prompt layout
