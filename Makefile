@@ -43,9 +43,12 @@ clean:
 
 # On a CUDA machine: the engine benchmark (official package vs batched engine, both models, results in
 # bench/results/engine-*); always: the service-overhead benchmark (bench/results/service-cpu.*).
+# Our engine runs with --compile (the committed results); BENCH_COMPILE= for the plain engine
+# (those results live in bench/results/no-compile: ARGS='--out-dir bench/results/no-compile').
+BENCH_COMPILE ?= --ours-compile
 bench: venv
 	@if $(VPY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
-	  $(VPY) bench/bench_engine.py --model voxcpm1.5 $(ARGS) && $(VPY) bench/bench_engine.py --model voxcpm2 $(ARGS); \
+	  $(VPY) bench/bench_engine.py --model voxcpm1.5 $(BENCH_COMPILE) $(ARGS) && $(VPY) bench/bench_engine.py --model voxcpm2 $(BENCH_COMPILE) $(ARGS); \
 	else echo "no CUDA GPU here: skipping the engine benchmark (make bench-engine ARGS='--tiny --device cpu' smoke-tests it)"; fi
 	$(VPY) bench/bench_service.py
 

@@ -1168,7 +1168,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="any other BatchedConfig field, value as JSON (repeatable), e.g. max_seq_len=1024",
     )
     p.add_argument(
-        "--ours-compile", action="store_true", help="our engine with its compiled DiT (BatchedConfig.compile)"
+        "--ours-compile", action="store_true", help="our engine with --compile (regional inductor; BatchedConfig.compile)"
     )
     p.add_argument("--warmup-patches", type=int, default=8, help="patches per request of the warm-up round")
     p.add_argument("--timed-rounds", type=int, default=1)
