@@ -155,6 +155,7 @@ class BatchedEngine:
             torch.cuda.set_device(device)
             if self.config.compile:
                 _persist_compiled_kernels(self.config.cache_dir)
+            _fuse_vae(tts)
         try:
             self._model = BatchedModel(tts, info.architecture, self.config.max_rows, self.config.max_seq_len,
                                        self.config.lora_slots, self.config.cuda_graphs,
@@ -162,6 +163,12 @@ class BatchedEngine:
             if self._model.use_graphs:
                 lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
                 self._model.warm_up(batch_buckets_up_to(self.config.max_rows), lens, self.config.capture_solver_steps)
+            if self._model.compiled != "off":
+                # compile the prefill's variant of the layer graph now (~3 s), not in the first request
+                with torch.inference_mode():
+                    inputs = self._official_inputs(ChunkRequest(text="Warm up.", adapter=None, cfg_scale=2.0,
+                                                                steps=self.config.capture_solver_steps, seed=0))
+                    self._model.prefill([(0, inputs, None)])
         except torch.OutOfMemoryError as exc:
             raise errors.EngineFailure(
                 f"not enough GPU memory for {self.config.max_rows} rows of {self.config.max_seq_len} positions "
@@ -730,6 +737,20 @@ class BatchedEngine:
                              self._sched.adapters.resident())
         with self._stats_lock:
             self._summary = summary
+
+
+def _fuse_vae(tts: Any) -> None:
+    """Our Triton residual units in the AudioVAE decoder (vae_kernels: ~40 % of a batched decode was the
+    snake activation, PyTorch's generic depthwise kernel and padding copies), compiled here, not on the
+    first request."""
+    from .vae_kernels import fuse_residual_units  # Triton: CUDA only
+
+    decoder = tts.audio_vae.decoder
+    swapped = fuse_residual_units(decoder)
+    param = next(decoder.parameters())
+    with torch.inference_mode():
+        tts.audio_vae.decode(torch.zeros(1, tts.audio_vae.latent_dim, 8, device=param.device, dtype=torch.float32))
+    log.info("AudioVAE decoder: %d residual units fused", swapped)
 
 
 def _persist_compiled_kernels(cache_dir: Path) -> None:
