@@ -267,10 +267,12 @@ class BatchedModel:
             feat[i, :n], feat_mask[i, :n] = inputs.feat[0], inputs.feat_mask[0]
         adapters = [self.lora.base_index if slot is None else slot for _, _, slot in items]
         with_lora = any(slot is not None for _, _, slot in items)
+        masks = feat_mask.cpu()  # one device sync for every row's prompt layout
         self._lora_rows(torch.tensor(adapters, device=self.device) if with_lora else None)
         try:
             with sdpa_kernel(_PREFILL_ATTENTION):
-                enc_out, kv, res_out, res_kv, feat_embed = self._prefill_forward(text, text_mask, feat, feat_mask)
+                enc_out, kv, res_out, res_kv = self._prefill_forward(text, text_mask, feat, feat_mask,
+                                                                      masks.nonzero().to(self.device))
         finally:
             self._lora_rows(None)
         # Write every row's state with a few batched copies (a per-row, per-layer loop was thousands of
@@ -293,14 +295,30 @@ class BatchedModel:
         self.cfg[row_ids] = torch.tensor(cfg_values, device=dev, dtype=self.dtype).view(-1, 1, 1)
         self.adapter[row_ids] = torch.tensor(adapters, device=dev)
         self._set_schedules(row_ids, [inputs.steps for _, inputs, _ in items])
-        masks = feat_mask.cpu()  # one device sync for every row's prompt layout
         return [self._context(feat[i:i + 1, :n], masks[i, :n], n) for i, n in enumerate(lengths)]
 
-    def _prefill_forward(self, text: torch.Tensor, text_mask: torch.Tensor, feat: torch.Tensor,
-                         feat_mask: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor, list, torch.Tensor]:
-        """The official prompt pass: local encoder, text-semantic LM, FSQ, residual LM. (B, T, ...) inputs."""
+    def _prefill_forward(self, text: torch.Tensor, text_mask: torch.Tensor, feat: torch.Tensor, feat_mask: torch.Tensor,
+                         audio_at: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor, list]:
+        """The official prompt pass: local encoder, text-semantic LM, FSQ, residual LM. (B, T, ...) inputs;
+        audio_at: (N, 2) [row, position] of the prompt's audio patches (feat_mask == 1).
+
+        The official pass runs the local encoder over every position and multiplies its output by
+        feat_mask; we run it over the audio positions only (each position is its own sequence there) and
+        leave exact zeros elsewhere, which is what the mask made of them. A zero-shot prompt has no audio
+        position, and a batch of prompts never pays for another's length."""
         tts = self.tts
-        feat_embed = tts.enc_to_lm_proj(tts.feat_encoder(feat))  # (B, T, H)
+        feat_embed = torch.zeros(*feat.shape[:2], tts.config.lm_config.hidden_size, device=feat.device,
+                                 dtype=feat.dtype)  # (B, T, H)
+        if audio_at.shape[0]:
+            rows, positions = audio_at[:, 0], audio_at[:, 1]
+            row_mask = self.lora_context.mask
+            if row_mask is not None:  # one LoRA mask row per encoded patch: each patch is its own batch row
+                self.lora_context.mask = row_mask[rows]
+            try:
+                patches = feat[rows, positions].unsqueeze(1)  # (N, 1, P, D)
+                feat_embed[rows, positions] = tts.enc_to_lm_proj(tts.feat_encoder(patches))[:, 0]
+            finally:
+                self.lora_context.mask = row_mask
         text_embed = tts.base_lm.embed_tokens(text) * self.scale_emb
         combined = text_mask.unsqueeze(-1) * text_embed + feat_mask.unsqueeze(-1) * feat_embed
         enc_out, kv = tts.base_lm(inputs_embeds=combined, is_causal=True)
@@ -310,7 +328,7 @@ class BatchedModel:
         else:
             res_in = enc_out + feat_mask.unsqueeze(-1) * feat_embed
         res_out, res_kv = tts.residual_lm(inputs_embeds=res_in, is_causal=True)
-        return enc_out, kv, res_out, res_kv, feat_embed
+        return enc_out, kv, res_out, res_kv
 
     def _set_schedules(self, row_ids: torch.Tensor, steps: list[int]) -> None:
         """Each row's Euler table; rows with fewer steps than the table get dt = 0 (x unchanged), t = 0."""
