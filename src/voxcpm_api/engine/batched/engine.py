@@ -115,7 +115,7 @@ class BatchedEngine:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self._decoder: threading.Thread | None = None
-        self._decode_q: queue.Queue[_Job] = queue.Queue()
+        self._decode_q: queue.Queue[list[_Job]] = queue.Queue()  # the rows that finished in one step
         self._jobs: dict[int, _Job] = {}
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # host copies, LRU
         self._unregistered: set[str] = set()  # refused until registered again
@@ -312,21 +312,21 @@ class BatchedEngine:
         The decoders are causal (left-padded convolutions, right-trimmed transposed convolutions), so
         latents right-padded to the longest row of a group give each row exactly its own audio at the
         front; groups bound the padding (similar lengths) and the memory (audio seconds per call).
-        Running here, decoding overlaps the loop thread's decode steps instead of stalling them."""
+        Running here, decoding overlaps the loop thread's decode steps instead of stalling them.
+
+        Only rows that finished in the same step share an AudioVAE call, never rows that merely waited in
+        the queue together: a batched convolution may round a row's samples differently with other
+        batch-mates, and which rows queue up together depends on timing, while which rows finish in one
+        step depends only on the requests. So the same requests always give the same arrays."""
         model = self._model
         assert model is not None
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)
         while not self._closed.is_set():
             try:
-                jobs = [self._decode_q.get(timeout=0.2)]
+                jobs = self._decode_q.get(timeout=0.2)
             except queue.Empty:
                 continue
-            while True:
-                try:
-                    jobs.append(self._decode_q.get_nowait())
-                except queue.Empty:
-                    break
             for group in _decode_groups(jobs, self._max_decode_patches()):
                 self._decode_group(group)
 
@@ -611,6 +611,7 @@ class BatchedEngine:
             self.stats_counters["rows_stepped"] += len(slots)
             self._record_locked("step", started)
         self._sched.advance(slots)
+        finished: list[_Job] = []  # decoded together, in the decode thread
         for rid, slot in slots.items():
             job = self._jobs[rid]
             job.patches += 1
@@ -640,7 +641,9 @@ class BatchedEngine:
                 if job.on_audio is not None:
                     self._end(job, None)  # streamed: its audio went out patch by patch
                 else:
-                    self._decode_q.put(job)
+                    finished.append(job)
+        if finished:
+            self._decode_q.put(finished)
         self._publish()
 
     # ------------------------------------------------------------------ streaming decode (loop thread)

@@ -29,11 +29,16 @@ and bumps `version`, which invalidates captured graphs.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..lora_runtime import AdoptedLinear, wrap_linear
+
+
+_PACKS_KEPT = 16  # packed host copies of adapters kept for reloading a slot (as many as the host LRU keeps)
 
 
 class LoRAContext:
@@ -89,6 +94,7 @@ class SlotWeights:
         self.wrappers: dict[str, MultiLoRALinear] = {}
         self.version = 0  # bumped whenever buffers are (re)allocated: captured graphs are stale
         self._contents: dict[int, object] = {}  # slot -> LoadedAdapter now in it
+        self._packs: OrderedDict[tuple, tuple[object, torch.Tensor]] = OrderedDict()  # see _packed
         param = next(model.parameters())
         # scale_table[s] is the mask row of slot s; the last row (index `slots`) is all zeros (base model)
         self.scale_table = torch.zeros(slots + 1, max(1, slots * rank_cap), device=param.device, dtype=param.dtype)
@@ -132,23 +138,55 @@ class SlotWeights:
 
     @torch.no_grad()
     def _write(self, slot: int, adapter: object | None) -> None:
+        """Fill `slot` of every wrapper with the adapter's A and B, zero-padded to the rank cap (zeros for
+        layers it does not target). One host-to-device copy of a packed buffer and one multi-tensor copy,
+        instead of four small copies per wrapped layer (~400 for a full-size model: ~20 ms)."""
         cap = self.rank_cap
         lo, hi = slot * cap, (slot + 1) * cap
-        modules = adapter.modules if adapter is not None else {}  # type: ignore[attr-defined]
-        for path, wrapper in self.wrappers.items():
-            assert wrapper.lora_a is not None and wrapper.lora_b is not None
-            wrapper.lora_a[lo:hi].zero_()
-            wrapper.lora_b[:, lo:hi].zero_()
-            pair = modules.get(path)
-            if pair is None:
-                continue
-            a, b, _scaling = pair
-            r = a.shape[0]
-            wrapper.lora_a[lo:lo + r].copy_(a)
-            wrapper.lora_b[:, lo:lo + r].copy_(b)
+        wrappers = list(self.wrappers.values())
+        if wrappers:
+            staged = self._packed(adapter).to(self.scale_table.device, non_blocking=True)
+            sources: list[torch.Tensor] = []
+            offset = 0
+            for wrapper in wrappers:
+                for rows, cols in ((cap, wrapper.in_features), (wrapper.out_features, cap)):
+                    sources.append(staged[offset:offset + rows * cols].view(rows, cols))
+                    offset += rows * cols
+            targets = [t for w in wrappers for t in (w.lora_a[lo:hi], w.lora_b[:, lo:hi])]  # type: ignore[index]
+            torch._foreach_copy_(targets, sources)
         self.scale_table[slot].zero_()
         if adapter is not None:
             # the official LoRALinear multiplies by alpha/r held in the model dtype
             scaling = torch.tensor(float(adapter.scaling)).to(self.scale_table.dtype)  # type: ignore[attr-defined]
             self.scale_table[slot, lo:hi] = scaling
             self._contents[slot] = adapter
+
+    def _packed(self, adapter: object | None) -> torch.Tensor:
+        """The adapter's blocks for every wrapper, in wrapper order, as one flat (pinned) host tensor;
+        cached per adapter until the rank cap or the wrapped layers change."""
+        key = (id(adapter), self.version, self.rank_cap)
+        cached = self._packs.get(key)
+        if cached is not None and cached[0] is adapter:
+            self._packs.move_to_end(key)
+            return cached[1]
+        cap = self.rank_cap
+        modules = adapter.modules if adapter is not None else {}  # type: ignore[attr-defined]
+        wrappers = list(self.wrappers.items())
+        size = sum(cap * (w.in_features + w.out_features) for _, w in wrappers)
+        pin = self.scale_table.device.type == "cuda"
+        packed = torch.zeros(size, dtype=self.scale_table.dtype, pin_memory=pin)
+        offset = 0
+        for path, wrapper in wrappers:
+            a_block = packed[offset:offset + cap * wrapper.in_features].view(cap, wrapper.in_features)
+            offset += cap * wrapper.in_features
+            b_block = packed[offset:offset + wrapper.out_features * cap].view(wrapper.out_features, cap)
+            offset += wrapper.out_features * cap
+            pair = modules.get(path)
+            if pair is not None:
+                a, b, _scaling = pair
+                a_block[: a.shape[0]].copy_(a)
+                b_block[:, : a.shape[0]].copy_(b)
+        self._packs[key] = (adapter, packed)
+        while len(self._packs) > _PACKS_KEPT:
+            self._packs.popitem(last=False)
+        return packed
