@@ -465,6 +465,8 @@ class BatchedEngine:
         if loaded is None:
             tts = self._inner.tts_model
             loaded = load_adapter(spec, tts, self._shapes, key=(key,), device="cpu")
+            if self._model is not None:
+                self._model.lora.prepare(loaded)  # the slot load then only copies to the device
             self._key_names[key] = spec.name
             self._adapters[key] = loaded
             while len(self._adapters) > max(1, self.config.lora_cache_size):

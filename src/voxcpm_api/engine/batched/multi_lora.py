@@ -118,6 +118,14 @@ class SlotWeights:
             self._reallocate()
         self._write(slot, adapter)
 
+    def prepare(self, adapter: object) -> None:
+        """Pack a host adapter for the current slot layout now (when it is read from disk), so that putting
+        it into a slot later is only the two device copies. Skipped when it would change the layout (new
+        wrapped layers or a larger rank): `load` packs it then."""
+        modules, rank = adapter.modules, int(adapter.rank)  # type: ignore[attr-defined]
+        if self.wrappers and rank <= self.rank_cap and all(path in self.wrappers for path in modules):
+            self._packed(adapter)
+
     def clear(self, slot: int) -> None:
         self._contents.pop(slot, None)
         self._write(slot, None)
