@@ -745,7 +745,7 @@ class BatchedEngine:
 
 
 def _fuse_vae(tts: Any) -> None:
-    """Our Triton residual units in the AudioVAE decoder (vae_kernels: ~40 % of a batched decode was the
+    """Our Triton residual units in the AudioVAE decoder (vae_kernels: ~60 % of a batched decode was the
     snake activation, PyTorch's generic depthwise kernel and padding copies), compiled here, not on the
     first request."""
     from .vae_kernels import fuse_residual_units  # Triton: CUDA only
