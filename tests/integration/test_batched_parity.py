@@ -261,12 +261,15 @@ def run_batch(engine: BatchedEngine, rows: list[Row], *, ordered: bool = True) -
     started = time.perf_counter()
     if ordered:
         with loop_held(engine):
-            for i, thread in enumerate(threads):
+            arrived = 0
+            for thread in threads:
                 thread.start()
                 deadline = time.monotonic() + 30
-                while engine._inbox.qsize() < i + 1:
+                # a request whose reference audio fails to encode ends in its caller's thread, before the loop
+                while engine._inbox.qsize() < arrived + 1 and thread.is_alive():
                     assert time.monotonic() < deadline, "a request never reached the engine"
                     time.sleep(0.001)
+                arrived = engine._inbox.qsize()
     else:
         for thread in threads:
             thread.start()

@@ -1,4 +1,4 @@
-"""Requests that wait for a batch row: cancelling one ends it before it gets a row (tiny model, CPU)."""
+"""Requests that wait for a batch row, and work kept off the loop thread (tiny model, CPU)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from voxcpm_api import errors
 from voxcpm_api.engine.base import ChunkRequest
@@ -24,7 +26,7 @@ def test_a_queued_request_is_cancelled_before_it_gets_a_row(tiny_root: Path) -> 
 
         def long_row() -> None:
             request = ChunkRequest(text="A long sentence keeps the only row busy.", adapter=None, cfg_scale=2.0,
-                                   steps=4, seed=1, max_patches=60)
+                                   steps=4, seed=1, max_patches=400)
             outcome["long"] = engine.generate(request, first_patch.set)
 
         def check() -> None:
@@ -47,7 +49,9 @@ def test_a_queued_request_is_cancelled_before_it_gets_a_row(tiny_root: Path) -> 
         assert first_patch.wait(60)
         waiting = threading.Thread(target=queued_row)
         waiting.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60  # under a loaded CI machine the loop may take a while to accept it
+        while engine.load_summary().queued_rows == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert engine.load_summary().queued_rows == 1  # the only row is taken: it waits
         stop.set()
         waiting.join(30)
@@ -56,5 +60,56 @@ def test_a_queued_request_is_cancelled_before_it_gets_a_row(tiny_root: Path) -> 
         assert busy.is_alive() or "long" in outcome  # the running row was not disturbed
         busy.join(120)
         assert len(outcome["long"]) > 0  # type: ignore[arg-type]
+    finally:
+        engine.close()
+
+
+@pytest.mark.xdist_group("batched-parity-voxcpm")
+def test_a_reference_is_encoded_in_the_callers_thread_while_the_batch_keeps_stepping(tiny_root: Path,
+                                                                                    tmp_path: Path) -> None:
+    sr = 16000
+    t = np.arange(int(1.0 * sr)) / sr
+    ref = tmp_path / "voice.wav"
+    sf.write(ref, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), sr, subtype="FLOAT")
+    engine = BatchedEngine(BatchedConfig(model="tiny-v2", device="cpu", max_rows=2, cache_dir=tiny_root))
+    engine.load()
+    try:
+        patches: list[float] = []
+        first_patch = threading.Event()
+
+        def on_patch() -> None:
+            patches.append(time.monotonic())
+            first_patch.set()
+
+        encodes: list[tuple[str, float, float]] = []
+        real_encode = engine._inner._encode_prompt
+
+        def slow_encode(*args: object, **kwargs: object) -> dict:
+            started = time.monotonic()
+            time.sleep(0.8)  # a long reference: the running row must keep stepping meanwhile
+            result = real_encode(*args, **kwargs)  # type: ignore[arg-type]
+            encodes.append((threading.current_thread().name, started, time.monotonic()))
+            return result
+
+        engine._inner._encode_prompt = slow_encode  # type: ignore[method-assign]
+        outcome: dict[str, object] = {}
+
+        def long_row() -> None:
+            request = ChunkRequest(text="A long sentence keeps a row busy.", adapter=None, cfg_scale=2.0, steps=4,
+                                   seed=1, max_patches=400)
+            outcome["long"] = engine.generate(request, on_patch)
+
+        busy = threading.Thread(target=long_row)
+        busy.start()
+        assert first_patch.wait(60)
+        clone = ChunkRequest(text="Cloned.", adapter=None, cfg_scale=2.0, steps=4, seed=2, ref_audio_path=str(ref),
+                             max_patches=3)
+        audio = engine.generate(clone, lambda: None)
+        busy.join(300)
+        assert len(audio) > 0 and len(outcome["long"]) > 0  # type: ignore[arg-type]
+        assert len(encodes) == 1  # encoded once; the loop thread found it in the prompt cache
+        thread_name, began, ended = encodes[0]
+        assert not thread_name.startswith("batched-engine"), thread_name
+        assert sum(began <= at <= ended for at in patches) >= 3  # the batch stepped during the encode
     finally:
         engine.close()

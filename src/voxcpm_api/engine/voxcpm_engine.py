@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -74,6 +75,7 @@ class VoxCPMEngine:
         self._lora: Any = None  # lora_runtime.LoRARuntime
         self._model_dir: Path | None = None
         self._prompt_cache: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        self._prompt_lock = threading.Lock()  # the cache dict; encoding runs outside it (callers may be threads)
         self._ppt_ewma: float | None = None  # observed patches per target token
         self._ppt_prior = 2.0
         self._normalizer: Any = None  # voxcpm.utils.text_normalize.TextNormalizer, lazily
@@ -350,21 +352,24 @@ class VoxCPMEngine:
                 f"reference audio '{Path(path).name}' cannot be decoded: {_short(exc)}", field="ref_audio_path"
             ) from exc
         key = (digest, mode)
-        features = self._prompt_cache.get(key)
+        with self._prompt_lock:
+            features = self._prompt_cache.get(key)
+            if features is not None:
+                self.prompt_cache_hits += 1
+                self._prompt_cache.move_to_end(key)
         if features is None:
             features = self._load_features(digest, mode)
             if features is None:
-                self.prompt_cache_misses += 1
                 features = self._encode_prompt(path, ref_text, mode)
                 self._save_features(digest, mode, features)
+                counter = "prompt_cache_misses"
             else:
-                self.prompt_disk_hits += 1
-            self._prompt_cache[key] = features
-            while len(self._prompt_cache) > max(1, self.config.prompt_cache_size):
-                self._prompt_cache.popitem(last=False)
-        else:
-            self.prompt_cache_hits += 1
-            self._prompt_cache.move_to_end(key)
+                counter = "prompt_disk_hits"
+            with self._prompt_lock:
+                setattr(self, counter, getattr(self, counter) + 1)
+                self._prompt_cache[key] = features
+                while len(self._prompt_cache) > max(1, self.config.prompt_cache_size):
+                    self._prompt_cache.popitem(last=False)
         cache = dict(features)
         if ref_text is not None:
             cache["prompt_text"] = ref_text

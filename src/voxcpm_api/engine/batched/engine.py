@@ -2,11 +2,12 @@
 
 Threads:
 * callers (the task runner's pool, one thread per row) call `generate`/`generate_stream`; each
-  call becomes a job, waits for its row, then decodes its own latents with the AudioVAE (decoding
-  is stateless, so rows decode in parallel off the loop thread);
-* one loop thread owns the model: it prepares jobs (the official prompt construction, prompt
+  call encodes its reference audio, if any, into the prompt cache (so the batch never waits for an
+  encode), then becomes a job and waits for its row;
+* one loop thread owns the model: it prepares jobs (the official prompt construction, cached prompt
   features, adapter validation), admits them through the `Scheduler`, prefills them into row
-  slots, runs decode steps through `BatchedModel`, calls the rows' callbacks and ends rows.
+  slots, runs decode steps through `BatchedModel`, calls the rows' callbacks and ends rows;
+* one decode thread turns the rows that finished in a step into audio with the AudioVAE.
 
 Sample-exactness with the official package: each job's model inputs are built by the official
 `generate_with_prompt_cache` itself (its `_inference` is intercepted, so tokenisation, prompt
@@ -48,6 +49,7 @@ IDLE_WAIT_S = 0.05
 # one batched prefill; one batched AudioVAE decode (decode thread)
 _PHASES = ("step", "adapter_switch", "prepare", "prefill", "vae_decode")
 PREFILL_TOKENS = 8192  # padded prompt positions per batched prefill
+ENCODES_AT_ONCE = 2  # reference audios encoded concurrently by callers (each holds its audio on the device)
 DECODE_AUDIO_S_PER_CALL = 120.0  # padded audio seconds per batched AudioVAE decode (bounds its memory)
 
 
@@ -123,6 +125,7 @@ class BatchedEngine:
         self.lora_runtime = AdapterCounters()  # loads into GPU slots / evictions from them, by adapter name
         self._shapes: dict[str, tuple[int, int]] = {}
         self._token_lock = threading.Lock()
+        self._encode_slots = threading.BoundedSemaphore(ENCODES_AT_ONCE)
         self._stats_lock = threading.Lock()
         self._summary = EngineLoad(0, 0, config.max_rows, frozenset())
         self._stream_vae: Any = None
@@ -199,7 +202,10 @@ class BatchedEngine:
         self._inner.check_reference_audio(path)
 
     def prepare_prompt(self, ref_audio_path: str, ref_text: str | None) -> None:
-        self._call_in_loop(lambda: self._inner.prepare_prompt(ref_audio_path, ref_text))
+        if self._info is None:
+            raise errors.NotReady("the model is not loaded yet")
+        with self._encode_slots:  # in the caller's thread: the batch keeps stepping meanwhile
+            self._inner.prepare_prompt(ref_audio_path, ref_text)
 
     def generate(self, request: ChunkRequest, on_patch: PatchCallback) -> np.ndarray:
         job = _Job(request, on_patch=on_patch)
@@ -298,6 +304,8 @@ class BatchedEngine:
             raise errors.NotReady("the model is not loaded yet")
         if self._closed.is_set():
             raise errors.NotReady("the engine is shutting down")
+        if job.request.ref_audio_path is not None:
+            self._encode_reference(job.request)
         self._inbox.put(lambda: self._accept(job))
         self._wake.set()
         while not job.done.wait(0.5):
@@ -305,6 +313,18 @@ class BatchedEngine:
                 raise errors.NotReady("the engine stopped")
         if job.error is not None:
             raise job.error
+
+    def _encode_reference(self, request: ChunkRequest) -> None:
+        """Encode the request's reference audio (or find it cached) in the caller's thread, so the loop
+        thread, which steps every running row, only ever finds it in the prompt cache. A few encodes at a
+        time bound their GPU memory."""
+        with self._encode_slots:
+            try:
+                self._inner._prompt_cache_for(request)
+            except errors.VoxError:
+                raise
+            except Exception as exc:
+                raise errors.EngineFailure(f"could not prepare the reference audio: {_short(exc)}") from exc
 
     def _decode_loop(self) -> None:
         """Decode thread: finished rows' latents -> audio, several rows per AudioVAE call.
