@@ -37,7 +37,7 @@ def test_regional_compile_matches_eager_with_mixed_adapters(tiny_checkpoints: Ti
         counters.clear()
         model = engine._model
         assert model is not None
-        engine._call_in_loop(lambda: model._compile("regional"))
+        engine._call_in_loop(model._compile)
         compiled = run_all()
         graphs = counters["stats"]["unique_graphs"]
         breaks = sum(counters["graph_break"].values())

@@ -359,14 +359,15 @@ class VoxCPMEngine:
                 self._prompt_cache.move_to_end(key)
         if features is None:
             features = self._load_features(digest, mode)
-            if features is None:
+            encoded = features is None
+            if encoded:
                 features = self._encode_prompt(path, ref_text, mode)
                 self._save_features(digest, mode, features)
-                counter = "prompt_cache_misses"
-            else:
-                counter = "prompt_disk_hits"
             with self._prompt_lock:
-                setattr(self, counter, getattr(self, counter) + 1)
+                if encoded:
+                    self.prompt_cache_misses += 1
+                else:
+                    self.prompt_disk_hits += 1
                 self._prompt_cache[key] = features
                 while len(self._prompt_cache) > max(1, self.config.prompt_cache_size):
                     self._prompt_cache.popitem(last=False)

@@ -63,7 +63,6 @@ class BatchedConfig:
     lora_cache_size: int = 16  # validated adapters kept in host memory
     cuda_graphs: bool = True
     compile: bool = False  # torch.compile the step's element-wise work (CUDA; slower first start, faster steps)
-    compile_scope: str = "regional"  # regional (one layer's code, reused) | dit (whole DiT; benchmark only)
     cache_dir: Path = field(default_factory=lambda: EngineConfig(model="").cache_dir)
     feature_cache_dir: Path | None = None
     prompt_cache_size: int = 32
@@ -161,12 +160,11 @@ class BatchedEngine:
             _fuse_vae(tts)
         try:
             self._model = BatchedModel(tts, info.architecture, self.config.max_rows, self.config.max_seq_len,
-                                       self.config.lora_slots, self.config.cuda_graphs,
-                                       self.config.compile_scope if self.config.compile else "off")
+                                       self.config.lora_slots, self.config.cuda_graphs, self.config.compile)
             if self._model.use_graphs:
                 lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
                 self._model.warm_up(batch_buckets_up_to(self.config.max_rows), lens, self.config.capture_solver_steps)
-            if self._model.compiled != "off":
+            if self._model.compiled:
                 # compile the prefill's variant of the layer graph now (~3 s), not in the first request
                 with torch.inference_mode():
                     inputs = self._official_inputs(ChunkRequest(text="Warm up.", adapter=None, cfg_scale=2.0,
@@ -204,7 +202,7 @@ class BatchedEngine:
     def prepare_prompt(self, ref_audio_path: str, ref_text: str | None) -> None:
         if self._info is None:
             raise errors.NotReady("the model is not loaded yet")
-        with self._encode_slots:  # in the caller's thread: the batch keeps stepping meanwhile
+        with self._encode_slots:  # a few encodes at a time bound their device memory
             self._inner.prepare_prompt(ref_audio_path, ref_text)
 
     def generate(self, request: ChunkRequest, on_patch: PatchCallback) -> np.ndarray:
@@ -305,7 +303,9 @@ class BatchedEngine:
         if self._closed.is_set():
             raise errors.NotReady("the engine is shutting down")
         if job.request.ref_audio_path is not None:
-            self._encode_reference(job.request)
+            # encoded here, in the caller's thread, so the loop (which steps every running row) only ever
+            # finds it in the prompt cache
+            self.prepare_prompt(job.request.ref_audio_path, job.request.ref_text)
         self._inbox.put(lambda: self._accept(job))
         self._wake.set()
         while not job.done.wait(0.5):
@@ -313,18 +313,6 @@ class BatchedEngine:
                 raise errors.NotReady("the engine stopped")
         if job.error is not None:
             raise job.error
-
-    def _encode_reference(self, request: ChunkRequest) -> None:
-        """Encode the request's reference audio (or find it cached) in the caller's thread, so the loop
-        thread, which steps every running row, only ever finds it in the prompt cache. A few encodes at a
-        time bound their GPU memory."""
-        with self._encode_slots:
-            try:
-                self._inner._prompt_cache_for(request)
-            except errors.VoxError:
-                raise
-            except Exception as exc:
-                raise errors.EngineFailure(f"could not prepare the reference audio: {_short(exc)}") from exc
 
     def _decode_loop(self) -> None:
         """Decode thread: finished rows' latents -> audio, several rows per AudioVAE call.

@@ -112,7 +112,7 @@ def _guided_euler_step(out: torch.Tensor, x: torch.Tensor, cfg: torch.Tensor, dt
 
 class BatchedModel:
     def __init__(self, tts: Any, architecture: str, max_rows: int, slot_len: int, lora_slots: int,
-                 cuda_graphs: bool, compile_scope: str = "off") -> None:
+                 cuda_graphs: bool, compile: bool = False) -> None:
         self.tts = tts
         self.v2 = architecture == "voxcpm2"
         self.device = next(tts.parameters()).device
@@ -126,11 +126,10 @@ class BatchedModel:
         self.lora = SlotWeights(tts, max(1, lora_slots), self.lora_context)
         self.estimator = tts.feat_decoder.estimator
         self.feat_encoder = tts.feat_encoder
-        self._lm_step_fn = self._lm_step
         self._attn_in, self._attn_out, self._euler = _attention_inputs, _attention_output, _guided_euler_step
-        self.compiled = compile_scope if compile_scope != "off" and self.device.type == "cuda" else "off"
-        if self.compiled != "off":
-            self._compile(self.compiled)
+        self.compiled = compile and self.device.type == "cuda"
+        if self.compiled:
+            self._compile()
         self.mean_mode = bool(tts.feat_decoder.mean_mode)
         self.max_solver_steps = 0
         lm_cfg = tts.config.lm_config
@@ -141,25 +140,18 @@ class BatchedModel:
         self.graph_captures = 0
         self._allocate(16)
 
-    def _compile(self, scope: str) -> None:
+    def _compile(self) -> None:
         """torch.compile (inductor) the step's small element-wise work, which otherwise is thousands of
         tiny kernels per step; our CUDA graphs then capture the fused kernels (ADR 0007).
 
-        "regional" compiles one transformer layer's code and reuses it for every layer: every
+        Regional: one transformer layer's code is compiled and reused for every layer: every
         `MiniCPMDecoderLayer` (DiT, local encoder, and both LMs for prefills), our two halves of an LM
         layer's step around the KV write, and the guided Euler update. Compile time grows with one
-        layer, not with the model's depth, and inductor's cache on disk (engine._persist_compiled_kernels)
-        makes a restart reuse the kernels.
-        "dit" compiles the whole DiT estimator and local encoder as single graphs (earlier scope,
-        kept for comparison in the benchmark)."""
+        layer, not with the model's depth (the whole DiT as one graph took ~60 s more start-up, the whole
+        step ~290 s), and inductor's cache on disk (engine._persist_compiled_kernels) makes a restart
+        reuse the kernels."""
         # one code object serves many shapes (rows buckets x LMs x DiT): allow that many variants
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        if scope == "dit":
-            self.estimator = torch.compile(self.estimator, dynamic=True, fullgraph=False)
-            self.feat_encoder = torch.compile(self.feat_encoder, dynamic=True, fullgraph=False)
-            return
-        if scope != "regional":
-            raise ValueError(f"unknown compile scope {scope!r}")
         self._attn_in = torch.compile(_attention_inputs, dynamic=True)
         self._attn_out = torch.compile(_attention_output, dynamic=True)
         self._euler = torch.compile(_guided_euler_step, dynamic=True)
@@ -423,12 +415,12 @@ class BatchedModel:
         emb = tts.enc_to_lm_proj(self.feat_encoder(pred.unsqueeze(1)))[:, 0, :]  # (B, H)
         self.out_stop[:rows] = tts.stop_head(tts.stop_actn(tts.stop_proj(lm_h))).argmax(dim=-1)
         pos = self.pos[:rows]
-        new_lm = tts.fsq_layer(self._lm_step_fn(tts.base_lm, self.kv_base, emb, pos, att_len))
+        new_lm = tts.fsq_layer(self._lm_step(tts.base_lm, self.kv_base, emb, pos, att_len))
         if self.v2:
             res_in = tts.fusion_concat_proj(torch.cat((new_lm, emb), dim=-1))
         else:
             res_in = new_lm + emb
-        new_res = self._lm_step_fn(tts.residual_lm, self.kv_res, res_in, pos, att_len)
+        new_res = self._lm_step(tts.residual_lm, self.kv_res, res_in, pos, att_len)
         self.lm_h[:rows] = new_lm
         self.res_h[:rows] = new_res
         self.cond[:rows] = pred

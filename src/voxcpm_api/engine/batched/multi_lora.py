@@ -151,17 +151,11 @@ class SlotWeights:
         instead of four small copies per wrapped layer (~400 for a full-size model: ~20 ms)."""
         cap = self.rank_cap
         lo, hi = slot * cap, (slot + 1) * cap
-        wrappers = list(self.wrappers.values())
-        if wrappers:
+        if self.wrappers:
             staged = self._packed(adapter).to(self.scale_table.device, non_blocking=True)
-            sources: list[torch.Tensor] = []
-            offset = 0
-            for wrapper in wrappers:
-                for rows, cols in ((cap, wrapper.in_features), (wrapper.out_features, cap)):
-                    sources.append(staged[offset:offset + rows * cols].view(rows, cols))
-                    offset += rows * cols
-            targets = [t for w in wrappers for t in (w.lora_a[lo:hi], w.lora_b[:, lo:hi])]  # type: ignore[index]
-            torch._foreach_copy_(targets, sources)
+            targets = [t for w in self.wrappers.values()
+                       for t in (w.lora_a[lo:hi], w.lora_b[:, lo:hi])]  # type: ignore[index]
+            torch._foreach_copy_(targets, [block for _, a, b in self._blocks(staged) for block in (a, b)])
         self.scale_table[slot].zero_()
         if adapter is not None:
             # the official LoRALinear multiplies by alpha/r held in the model dtype
@@ -177,18 +171,10 @@ class SlotWeights:
         if cached is not None and cached[0] is adapter:
             self._packs.move_to_end(key)
             return cached[1]
-        cap = self.rank_cap
         modules = adapter.modules if adapter is not None else {}  # type: ignore[attr-defined]
-        wrappers = list(self.wrappers.items())
-        size = sum(cap * (w.in_features + w.out_features) for _, w in wrappers)
-        pin = self.scale_table.device.type == "cuda"
-        packed = torch.zeros(size, dtype=self.scale_table.dtype, pin_memory=pin)
-        offset = 0
-        for path, wrapper in wrappers:
-            a_block = packed[offset:offset + cap * wrapper.in_features].view(cap, wrapper.in_features)
-            offset += cap * wrapper.in_features
-            b_block = packed[offset:offset + wrapper.out_features * cap].view(wrapper.out_features, cap)
-            offset += wrapper.out_features * cap
+        size = sum(self.rank_cap * (w.in_features + w.out_features) for w in self.wrappers.values())
+        packed = torch.zeros(size, dtype=self.scale_table.dtype, pin_memory=self.scale_table.device.type == "cuda")
+        for path, a_block, b_block in self._blocks(packed):
             pair = modules.get(path)
             if pair is not None:
                 a, b, _scaling = pair
@@ -198,3 +184,16 @@ class SlotWeights:
         while len(self._packs) > _PACKS_KEPT:
             self._packs.popitem(last=False)
         return packed
+
+    def _blocks(self, flat: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """The packed layout, one place for both sides of the copy: per wrapper (in order), its A block
+        (r_cap, in) and then its B block (out, r_cap), as views of `flat`."""
+        cap, offset = self.rank_cap, 0
+        blocks = []
+        for path, wrapper in self.wrappers.items():
+            a_size, b_size = cap * wrapper.in_features, wrapper.out_features * cap
+            a_block = flat[offset:offset + a_size].view(cap, wrapper.in_features)
+            b_block = flat[offset + a_size:offset + a_size + b_size].view(wrapper.out_features, cap)
+            blocks.append((path, a_block, b_block))
+            offset += a_size + b_size
+        return blocks

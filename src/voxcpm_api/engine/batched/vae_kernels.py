@@ -12,7 +12,8 @@ Each `CausalResidualUnit` computes
 padding becomes a mask (the official pads snake(x) with zeros), the weight-normed weights are computed
 once (they are constants in inference), and the pointwise convolution runs as the same `conv1d` the
 official module ends in. The arithmetic is the official one in float32, up to the order of the 7 taps'
-additions and the sin routine (~1e-7 relative). Only the engine's own VAE is changed; off CUDA the official code runs unchanged.
+additions and the sin routine (~1e-7 relative). Only the engine's own VAE is changed; off CUDA the
+official code runs unchanged.
 """
 
 from __future__ import annotations
