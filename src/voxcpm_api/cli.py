@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="batched: many requests share each decode step (default); official: the official package's "
         "sequential generation, one request at a time")
     add("--compile", action="store_true", default=None,
-        help="torch.compile on CUDA (batched: regional, ~50 s first start, ~1.4x throughput; official: minutes)")
+        help="torch.compile on CUDA (batched: regional, ~50 s first start, ~1.5x throughput; official: minutes)")
     add("--max-concurrent", type=int,
         help="tasks and streams generating at once = batch rows, spread over the devices (default: 16 per "
         "device for --engine batched; 2 for --engine official, which overlaps one generation with encoding)")
