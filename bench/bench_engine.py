@@ -634,6 +634,69 @@ def run_round(
     return [f.result() for f in futures], wall
 
 
+def round_cost_estimate(started: float, reps: int, warm_share: float) -> float:
+    return (time.perf_counter() - started) / (reps + warm_share)
+
+
+# kernel name fragments -> kind, first match wins (cuBLAS/cuDNN/CUTLASS kernel names on Hopper)
+_KERNEL_KINDS = (
+    ("lora expand (ours)", ("_lora_expand",)),
+    ("AudioVAE residual units (ours)", ("_snake", "_dwconv_snake")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "winograd")),
+    ("GEMM", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitk", "sm90_", "sm80_")),
+    ("inductor fused (triton)", ("triton_",)),
+    ("copy / index / cat", ("copy", "index", "cat", "scatter", "gather", "fill")),
+    ("reduction", ("reduce",)),
+    ("element-wise (aten)", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def _kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, fragments in _KERNEL_KINDS:
+        if any(f in lowered for f in fragments):
+            return kind
+    return "other"
+
+
+def profile_round(report: Report, key: str, one_round: Callable[[], Any]) -> dict:
+    """One more round under torch.profiler (CUDA activity, CUDA-graph kernels included): the GPU time by
+    kernel kind, for the report, and the 40 costliest kernels in profile-<stem>-<key>.txt."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    # off CUDA (the --tiny smoke test) the CPU time of the operators stands in for kernel time
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        _reqs, wall = one_round()
+        if cuda:
+            torch.cuda.synchronize()
+    by_kind: dict[str, float] = {}
+    kernels: list[tuple[float, int, str]] = []
+    for event in prof.key_averages():
+        us = float(getattr(event, "self_device_time_total" if cuda else "self_cpu_time_total", 0) or 0)
+        if us <= 0:
+            continue
+        kind = _kernel_kind(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + us / 1000
+        kernels.append((us / 1000, int(event.count), event.key))
+    kernels.sort(reverse=True)
+    total = sum(by_kind.values())
+    lines = [f"{report.stem} {key}: one round under torch.profiler, wall {1000 * wall:.1f} ms, "
+             f"GPU kernel time {total:.1f} ms", "", "ms\tcalls\tkind\tkernel"]
+    lines += [f"{ms:.2f}\t{n}\t{_kernel_kind(name)}\t{name[:160]}" for ms, n, name in kernels[:40]]
+    path = report.out_dir / f"profile-{report.stem}-{key}.txt"
+    _atomic_write(path, "\n".join(lines) + "\n")
+    log(f"ours {key}: profile in {path}")
+    return {
+        "round_wall_ms": rnd(1000 * wall, 1),
+        "gpu_kernel_ms": rnd(total, 1),
+        "by_kind_ms": {kind: rnd(ms, 1) for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "file": path.name,
+    }
+
+
 def config_order(concurrency: Sequence[int], lora_counts: Sequence[int]) -> list[tuple[int, int]]:
     """Every (concurrency, LoRA count) pair; the ones the target ratios need first, so a deadline cuts the rest."""
     pairs = [(c, k) for c in concurrency for k in lora_counts]
@@ -814,6 +877,11 @@ def run_ours(args: argparse.Namespace, ckpt, report: Report, deadline: Deadline,
                 "stats": stats,
             }
             ours["configs"][key] = entry
+            if key in args.profile and deadline.allows(1.5 * round_cost_estimate(cost_started, reps, warm_share)):
+                entry["profile"] = profile_round(
+                    report, key, lambda: run_round(engine, lambda i: make_request(i, args.patches), c, reps * c,
+                                                   sample_rate, max(10.0, deadline.left() - 5), names)
+                )
             round_cost = (time.perf_counter() - cost_started) / (reps + warm_share)
             last_c = c
             log(
@@ -1063,6 +1131,7 @@ def render_markdown(data: dict) -> str:
             )
         lines.append("")
         lines.extend(_phase_table(ours.get("configs") or {}))
+        lines.extend(_profile_table(ours.get("configs") or {}))
 
     for section in ("skipped", "errors"):
         if data.get(section):
@@ -1071,6 +1140,29 @@ def render_markdown(data: dict) -> str:
             lines.extend(f"- {m}" for m in data[section])
             lines.append("")
     return "\n".join(lines)
+
+
+def _profile_table(configs: dict) -> list[str]:
+    """GPU kernel time by kind of the profiled rounds (--profile)."""
+    profiled = {key: v["profile"] for key, v in configs.items() if v.get("profile")}
+    if not profiled:
+        return []
+    kinds: list[str] = []
+    for prof in profiled.values():
+        kinds += [k for k in prof["by_kind_ms"] if k not in kinds]
+    lines = [
+        "GPU kernel time of one extra round under torch.profiler (ms; the profiler slows the host side, so the "
+        "round's wall is longer than in the table above; top kernels in the profile-*.txt files):",
+        "",
+        "| kernel kind | " + " | ".join(profiled) + " |",
+        "|---|" + "---|" * len(profiled),
+        "| round wall | " + " | ".join(_fmt(p["round_wall_ms"]) for p in profiled.values()) + " |",
+        "| all kernels | " + " | ".join(_fmt(p["gpu_kernel_ms"]) for p in profiled.values()) + " |",
+    ]
+    for kind in kinds:
+        lines.append(f"| {kind} | " + " | ".join(_fmt(p["by_kind_ms"].get(kind)) for p in profiled.values()) + " |")
+    lines.append("")
+    return lines
 
 
 def _phase_table(configs: dict) -> list[str]:
@@ -1169,6 +1261,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--ours-compile", action="store_true", help="our engine with --compile (regional inductor; BatchedConfig.compile)"
+    )
+    p.add_argument(
+        "--profile",
+        type=lambda text: [k for k in text.split(",") if k],
+        default=[],
+        metavar="KEYS",
+        help="after these configurations' timed rounds (e.g. c64-lora8,c64-lora0), one more round under "
+        "torch.profiler: GPU kernel time by kind in the report, the top kernels in profile-*.txt",
     )
     p.add_argument("--warmup-patches", type=int, default=8, help="patches per request of the warm-up round")
     p.add_argument("--timed-rounds", type=int, default=1)

@@ -51,3 +51,69 @@ def test_regional_compile_matches_eager_with_mixed_adapters(tiny_checkpoints: Ti
     # (a guard on a layer's identity) would make this ~10x larger and the first start minutes long
     assert 3 <= graphs <= 12, graphs
     assert breaks == 0
+
+
+KERNELS_COMPILED = r"""
+import json, sys
+import numpy as np, torch
+from torch._dynamo.utils import counters
+from voxcpm_api.engine.base import ChunkRequest
+from voxcpm_api.engine.batched.engine import BatchedConfig, BatchedEngine
+from voxcpm_api.lora.catalog import LoRACatalog
+
+from pathlib import Path
+model_dir, lora_root, cache = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+engine = BatchedEngine(BatchedConfig(model=model_dir, device="cpu", max_rows=4, max_seq_len=256, cache_dir=cache))
+engine.load()
+catalog = LoRACatalog(lora_root)
+names = sorted(p.name for p in lora_root.iterdir() if p.is_dir())
+adapters = [None, *(catalog.resolve(name) for name in names)]
+requests = [ChunkRequest(text=f"Kernels in the graph, row {i}.", adapter=adapters[i % len(adapters)],
+                         cfg_scale=2.0, steps=4, seed=5 + i, max_patches=3) for i in range(3)]
+calls = {"lora_expand": 0, "short_attention": 0}
+for name in calls:  # count the kernels' launches, compiled or not
+    from voxcpm_api.engine.batched import attention_kernels, lora_kernels
+    module = lora_kernels if name == "lora_expand" else attention_kernels
+    kernel = getattr(module, "_" + name)
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+        def __getitem__(self, grid):
+            calls[self.name] += 1
+            return self.kernel[grid]
+    setattr(module, "_" + name, Counting(name, kernel))
+eager = [engine.generate(r, lambda: None) for r in requests]
+eager_calls = dict(calls)
+torch._dynamo.reset()
+counters.clear()
+engine._call_in_loop(engine._model._compile)
+compiled = [engine.generate(r, lambda: None) for r in requests]
+engine.close()
+print(json.dumps({"eager_calls": eager_calls, "calls": calls, "breaks": sum(counters["graph_break"].values()),
+                  "break_reasons": [str(k)[:200] for k in counters["graph_break"]],
+                  "max_abs": max(float(np.abs(a - b).max()) for a, b in zip(eager, compiled))}))
+"""
+
+
+@pytest.mark.xdist_group("batched-compile")
+def test_compiled_layers_keep_our_kernels_without_graph_breaks(tiny_checkpoints: TinyCheckpoints,
+                                                               tiny_root: Path) -> None:
+    """The LoRA expand and short-attention kernels are custom ops inside the compiled layers. Triton's
+    interpreter runs them on the CPU (it is read when a kernel is defined, hence the fresh process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    arch = "voxcpm"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    done = subprocess.run([sys.executable, "-c", KERNELS_COMPILED, str(tiny_checkpoints.models[arch]),
+                           str(tiny_checkpoints.lora_roots[arch]), str(tiny_root / "compile-kernels")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["eager_calls"]["lora_expand"] > 0 and result["eager_calls"]["short_attention"] > 0, result
+    assert result["calls"]["short_attention"] > result["eager_calls"]["short_attention"], result  # compiled ran them
+    assert result["calls"]["lora_expand"] > result["eager_calls"]["lora_expand"], result
+    assert result["breaks"] == 0, result["break_reasons"]
+    assert result["max_abs"] < 1e-4, result

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from voxcpm.modules.minicpm4.model import apply_rotary_pos_emb
 
+from .attention_kernels import use_short_attention
 from .multi_lora import LoRAContext, SlotWeights
 from .scheduler import attention_bucket
 
@@ -126,6 +127,8 @@ class BatchedModel:
         self.lora = SlotWeights(tts, max(1, lora_slots), self.lora_context)
         self.estimator = tts.feat_decoder.estimator
         self.feat_encoder = tts.feat_encoder
+        # the DiT's and the local encoder's 5-11 position sequences: our kernel on a GPU (attention_kernels)
+        use_short_attention([self.estimator.decoder, self.feat_encoder.encoder])
         self._attn_in, self._attn_out, self._euler = _attention_inputs, _attention_output, _guided_euler_step
         self.compiled = compile and self.device.type == "cuda"
         if self.compiled:

@@ -11,7 +11,9 @@ A row of the batch picks its slot through a mask (N, S * r_cap) that holds the s
 
     y = x W^T + b + ((x A_cat^T) * mask) B_cat^T
 
-For a row of slot s this is x W^T + b + (x A_s^T * scaling_s) B_s^T: the official LoRALinear's
+W and A_cat are the rows of one fused weight [W; A_cat], so the base output and every slot's hidden
+come from one GEMM, and `lora_kernels.lora_expand` adds the masked B term in one more kernel (on a
+GPU; a torch form elsewhere). For a row of slot s this is x W^T + b + (x A_s^T * scaling_s) B_s^T: the official LoRALinear's
 arithmetic up to float rounding (the scaling is applied before B instead of after; zero padding
 adds exact zeros). For a base row the mask is 0, the added term is exactly 0 and y equals the plain
 layer bit for bit. Ranks up to r_cap, alphas and target sets may all differ between slots: an
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lora_runtime import AdoptedLinear, wrap_linear
+from .lora_kernels import lora_expand, register_op
 
 
 _PACKS_KEPT = 16  # packed host copies of adapters kept for reloading a slot (as many as the host LRU keeps)
@@ -51,32 +54,36 @@ class LoRAContext:
 class MultiLoRALinear(AdoptedLinear):
     def __init__(self, base: nn.Linear, context: LoRAContext) -> None:
         super().__init__(base)
+        register_op()
         self.context = context
-        self.lora_a: torch.Tensor | None = None  # (S * r_cap, in)
+        self.fused_weight: torch.Tensor | None = None  # (out + S * r_cap, in): [W; A_cat]
+        self.fused_bias: torch.Tensor | None = None  # (out + S * r_cap,): [b; 0] when the layer has a bias
+        self.lora_a: torch.Tensor | None = None  # (S * r_cap, in), a view of fused_weight's last rows
         self.lora_b: torch.Tensor | None = None  # (out, S * r_cap)
 
     def allocate(self, slots: int, rank_cap: int) -> None:
+        """(Re)build [W; A_cat] with zero A blocks. The base weight moves into its first rows: the
+        `weight` Parameter stays the same object (state_dict keys, the plain path) and now views them."""
         w = self.weight
-        self.lora_a = torch.zeros(slots * rank_cap, self.in_features, device=w.device, dtype=w.dtype)
-        self.lora_b = torch.zeros(self.out_features, slots * rank_cap, device=w.device, dtype=w.dtype)
+        extra = slots * rank_cap
+        with torch.inference_mode(False), torch.no_grad():  # .data of a Parameter takes no inference tensor
+            fused = torch.zeros(self.out_features + extra, self.in_features, device=w.device, dtype=w.dtype)
+            fused[: self.out_features].copy_(w)
+            w.data = fused[: self.out_features]
+            if self.bias is not None:
+                self.fused_bias = torch.cat((self.bias.detach(), self.bias.new_zeros(extra)))
+        self.fused_weight = fused
+        self.lora_a = fused[self.out_features:]
+        self.lora_b = torch.zeros(self.out_features, extra, device=w.device, dtype=w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
         mask = self.context.mask
-        if mask is None or self.lora_a is None:
-            return result
-        hidden = F.linear(x, self.lora_a)  # (N, ..., S * r_cap)
-        if mask.shape[0] != 1:
-            if mask.shape[0] != x.shape[0]:
-                # rows flattened with their time steps, e.g. the local encoder's (B * T, P, H) in a prefill
-                mask = mask.repeat_interleave(x.shape[0] // mask.shape[0], dim=0)
-            if x.dim() > 2:
-                mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
-        # one GEMM adds the LoRA term onto the base output (beta = 1): one kernel fewer per layer than
-        # linear + add, and the step is bound by its number of kernels; base rows add exactly 0
-        flat = (hidden * mask).reshape(-1, hidden.shape[-1])
-        out = torch.addmm(result.reshape(-1, self.out_features), flat, self.lora_b.t())
-        return out.view(result.shape)
+        if mask is None or self.fused_weight is None:
+            return F.linear(x, self.weight, self.bias)
+        # one GEMM makes the base output and every slot's x A^T; one more kernel adds each row's own term
+        both = F.linear(x, self.fused_weight, self.fused_bias)  # (N, ..., out + S * r_cap)
+        out = lora_expand(both.reshape(-1, both.shape[-1]), mask, self.lora_b)  # (N * ..., out)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         slots = "none" if self.lora_a is None else str(self.lora_a.shape[0])
