@@ -30,6 +30,10 @@ Per configuration: TTFP (submit -> first on_patch) p50/p90, RTF per request (sub
 over the audio seconds) p50, inter-patch ms p50, aggregate audio seconds per wall second, peak GPU
 memory allocated (peak reset per configuration) and `engine.stats()`.
 
+--profile KEYS (e.g. c64-lora8): after those configurations, one more round under torch.profiler; the
+report gets the GPU kernel time by kind (GEMM, attention, our kernels, inductor's, copies, ...) and
+profile-<stem>-<key>.txt the 40 costliest kernels.
+
 Output: `<out-dir>/engine-<model>-<device-slug>.json` and `.md`, rewritten after every step so a
 timeout still leaves data; the Markdown table is printed last. --deadline-s stops gracefully: a
 step that would not fit in the time left is skipped and recorded as such.
@@ -666,16 +670,13 @@ def profile_round(report: Report, key: str, one_round: Callable[[], Any]) -> dic
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available()
-    # off CUDA (the --tiny smoke test) the CPU time of the operators stands in for kernel time
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         _reqs, wall = one_round()
-        if cuda:
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
     by_kind: dict[str, float] = {}
     kernels: list[tuple[float, int, str]] = []
     for event in prof.key_averages():
-        us = float(getattr(event, "self_device_time_total" if cuda else "self_cpu_time_total", 0) or 0)
+        us = float(getattr(event, "self_device_time_total", 0) or 0)
         if us <= 0:
             continue
         kind = _kernel_kind(event.key)
@@ -877,7 +878,9 @@ def run_ours(args: argparse.Namespace, ckpt, report: Report, deadline: Deadline,
                 "stats": stats,
             }
             ours["configs"][key] = entry
-            if key in args.profile and deadline.allows(1.5 * round_cost_estimate(cost_started, reps, warm_share)):
+            if key in args.profile and not mem.cuda:
+                report.note("skipped", f"--profile {key}: GPU kernel times need CUDA")
+            elif key in args.profile and deadline.allows(1.5 * round_cost_estimate(cost_started, reps, warm_share)):
                 entry["profile"] = profile_round(
                     report, key, lambda: run_round(engine, lambda i: make_request(i, args.patches), c, reps * c,
                                                    sample_rate, max(10.0, deadline.left() - 5), names)
