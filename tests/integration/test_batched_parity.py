@@ -264,7 +264,9 @@ def run_batch(engine: BatchedEngine, rows: list[Row], *, ordered: bool = True) -
             arrived = 0
             for thread in threads:
                 thread.start()
-                deadline = time.monotonic() + 30
+                # a hang guard, not a timing: a reference encode in the caller's thread can take tens of seconds
+                # on a loaded 2-core machine (seen at 30 s while inductor compiled in a parallel test)
+                deadline = time.monotonic() + 120
                 # a request whose reference audio fails to encode ends in its caller's thread, before the loop
                 while engine._inbox.qsize() < arrived + 1 and thread.is_alive():
                     assert time.monotonic() < deadline, "a request never reached the engine"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 CHECK = r"""
 import json, torch
-from voxcpm_api.engine.batched.lora_kernels import lora_expand, register_op
-from voxcpm_api.engine.batched.multi_lora import LoRAContext, MultiLoRALinear
+from voxcpm_api.engine.batched.lora_kernels import lora_expand, lora_expand3, register_op
+from voxcpm_api.engine.batched.multi_lora import LoRAContext, MultiLoRALinear, project_together
 
 register_op()  # what wrapping a layer does
 torch.manual_seed(0)
@@ -59,8 +59,37 @@ for row, (slot, scale) in enumerate([(0, 0.5), (None, 0.0), (1, 2.0)]):
         ref = ref + (x[row].double() @ a.t() * scale) @ bb.t()
     want.append(ref)
 want = torch.stack(want)
+
+# three layers in one launch (q, k, v): widths spanning 1 and 2 N tiles, a base row, one mask row per sequence
+grouped = []
+for widths in [(70, 7, 7), (128, 16, 16)]:
+    rows, mask_rows, k = 36, 4, 40
+    boths = [torch.randn(rows, n + k) for n in widths]
+    bs = [torch.randn(n, k) for n in widths]
+    table = torch.randn(mask_rows, k)
+    table[2] = 0
+    outs = lora_expand3(boths, table, bs)
+    rep = rows // mask_rows
+    for both, b, out, n in zip(boths, bs, outs, widths):
+        want3 = both[:, :n].double() + (both[:, n:] * table.repeat_interleave(rep, 0)).double() @ b.double().t()
+        grouped.append({"widths": widths, "shape_ok": list(out.shape) == [rows, n],
+                        "rel": float((out.double() - want3).abs().max() / want3.abs().max()),
+                        "base_exact": bool(torch.equal(out[2 * rep:3 * rep], both[2 * rep:3 * rep, :n]))})
+
+# project_together: the grouped launch gives each layer's own result
+layers = [MultiLoRALinear(torch.nn.Linear(12, n, bias=False), context) for n in (16, 8, 8)]
+for layer in layers:
+    layer.allocate(slots=2, rank_cap=4)
+    with torch.no_grad():
+        layer.lora_a.normal_()
+        layer.lora_b.normal_()
+with torch.no_grad():
+    together = project_together(tuple(layers), x)
+    alone = [layer(x) for layer in layers]
+together_max = max(float((a - b).abs().max()) for a, b in zip(together, alone))
 print(json.dumps({"cases": cases, "layer_rel": float((got.double() - want).abs().max() / want.abs().max()),
-                  "layer_shape_ok": list(got.shape) == [3, 5, 10]}))
+                  "layer_shape_ok": list(got.shape) == [3, 5, 10], "grouped": grouped,
+                  "together_max": together_max, "together_shapes": [list(t.shape) for t in together]}))
 """
 
 
@@ -76,3 +105,8 @@ def test_lora_expand_kernel_matches_the_arithmetic() -> None:
         assert case["base_exact"], case  # base-model rows are the base output, bit for bit
     assert result["layer_shape_ok"]
     assert result["layer_rel"] < 1e-6, result
+    for case in result["grouped"]:  # the q/k/v launch: each of the three problems, tiles not mixed up
+        assert case["shape_ok"] and case["base_exact"], case
+        assert case["rel"] < 1e-6, case
+    assert result["together_shapes"] == [[3, 5, 16], [3, 5, 8], [3, 5, 8]]
+    assert result["together_max"] < 1e-5, result

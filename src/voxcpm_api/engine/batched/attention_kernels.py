@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from voxcpm.modules.minicpm4.model import MiniCPMAttention
 
+from .multi_lora import project_together
+
 _MAX_POSITIONS = 32  # longer sequences (none in VoxCPM's DiT or local encoder) take the official path
 
 
@@ -149,8 +151,8 @@ class ShortSequenceAttention(MiniCPMAttention):
         if (is_causal or not fits(hidden_states, self.head_dim, self.num_heads, self.num_key_value_heads)
                 or (position_emb is not None and position_emb[0].dim() != 2)):
             return super().forward(hidden_states, position_emb, is_causal)
-        out = short_attention(self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
-                              self.head_dim, position_emb)
+        q, k, v = project_together((self.q_proj, self.k_proj, self.v_proj), hidden_states)
+        out = short_attention(q, k, v, self.head_dim, position_emb)
         # no KV cache: this path serves only the DiT and the local encoder, whose callers drop it
         return self.o_proj(out), None
 

@@ -30,14 +30,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _lora_expand(both_ptr, mask_ptr, b_ptr, out_ptr, rows, out_features, rep,
+def _expand_tile(both_ptr, mask_ptr, b_ptr, out_ptr, tile_m, tile_n, rows, out_features, rep,
                  stride_both, stride_mask, stride_b, stride_out, RANK_COLS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of y = base + (hidden * mask[row // rep]) @ B^T. RANK_COLS (K) is a
     constant of the slot layout (slots x rank cap). The loop is a pipelined `tl.range`: an unrolled
     `static_range` waited on each block's loads in turn (~10 us per call on an H100)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rm < rows
     col_in = rn < out_features
     mask_row = (rm // rep).to(tl.int64)
@@ -62,6 +62,34 @@ def _lora_expand(both_ptr, mask_ptr, b_ptr, out_ptr, rows, out_features, rep,
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_out + rn[None, :], y.to(base.dtype), mask=out_tile)
 
 
+@triton.jit
+def _lora_expand(both_ptr, mask_ptr, b_ptr, out_ptr, rows, out_features, rep,
+                 stride_both, stride_mask, stride_b, stride_out, RANK_COLS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    _expand_tile(both_ptr, mask_ptr, b_ptr, out_ptr, tl.program_id(0), tl.program_id(1), rows, out_features, rep,
+                 stride_both, stride_mask, stride_b, stride_out, RANK_COLS, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+
+
+@triton.jit
+def _lora_expand3(both0, b0, out0, n0, sboth0, sb0, sout0, both1, b1, out1, n1, sboth1, sb1, sout1,
+                  both2, b2, out2, n2, sboth2, sb2, sout2, mask_ptr, stride_mask, rows, rep, tiles0, tiles1,
+                  RANK_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """Three layers' expands over the same rows in one launch (an attention's q, k and v projections):
+    the grid's second axis runs over the first layer's N tiles, then the second's, then the third's."""
+    tile_m = tl.program_id(0)
+    tile_n = tl.program_id(1)
+    if tile_n < tiles0:
+        _expand_tile(both0, mask_ptr, b0, out0, tile_m, tile_n, rows, n0, rep, sboth0, stride_mask, sb0, sout0,
+                     RANK_COLS, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    elif tile_n < tiles0 + tiles1:
+        _expand_tile(both1, mask_ptr, b1, out1, tile_m, tile_n - tiles0, rows, n1, rep, sboth1, stride_mask, sb1,
+                     sout1, RANK_COLS, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    else:
+        _expand_tile(both2, mask_ptr, b2, out2, tile_m, tile_n - tiles0 - tiles1, rows, n2, rep, sboth2, stride_mask,
+                     sb2, sout2, RANK_COLS, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+
+
 def _launch(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor,
             tiles: tuple[int, int, int, int] | None = None) -> None:
     """both: (M, out + K) row-major rows; mask: (R, K), R divides M; lora_b: (out, K); out: (M, out).
@@ -75,6 +103,21 @@ def _launch(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor, out: t
                        both.stride(0), mask.stride(0), lora_b.stride(0), out.stride(0), RANK_COLS=rank_cols,
                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=both.dtype == torch.float32,
                        num_warps=warps)
+
+
+def _launch3(boths: list[torch.Tensor], mask: torch.Tensor, lora_bs: list[torch.Tensor],
+             outs: list[torch.Tensor]) -> None:
+    rows = outs[0].shape[0]
+    widths = [out.shape[1] for out in outs]
+    block_m, block_n, block_k, warps = _tiles(rows, max(widths))
+    tiles = [triton.cdiv(width, block_n) for width in widths]
+    args = []
+    for both, lora_b, out, width in zip(boths, lora_bs, outs, widths):
+        args += [both, lora_b, out, width, both.stride(0), lora_b.stride(0), out.stride(0)]
+    _lora_expand3[(triton.cdiv(rows, block_m), sum(tiles))](
+        *args, mask, mask.stride(0), rows, rows // mask.shape[0], tiles[0], tiles[1],
+        RANK_COLS=lora_bs[0].shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=boths[0].dtype == torch.float32, num_warps=warps)
 
 
 def _tiles(rows: int, out_features: int) -> tuple[int, int, int, int]:
@@ -107,6 +150,22 @@ def register_op() -> None:
     def _(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
         return both.new_empty(both.shape[0], lora_b.shape[0])
 
+    @torch.library.custom_op("voxcpm_api::lora_expand3", mutates_args=())
+    def lora_expand3_op(both0: torch.Tensor, both1: torch.Tensor, both2: torch.Tensor, mask: torch.Tensor,
+                        b0: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        boths = [x.contiguous() for x in (both0, both1, both2)]
+        lora_bs = [x.contiguous() for x in (b0, b1, b2)]
+        outs = [torch.empty(both0.shape[0], b.shape[0], device=both0.device, dtype=both0.dtype) for b in lora_bs]
+        if both0.shape[0]:
+            _launch3(boths, mask.contiguous(), lora_bs, outs)
+        return outs[0], outs[1], outs[2]
+
+    @lora_expand3_op.register_fake
+    def _(both0: torch.Tensor, both1: torch.Tensor, both2: torch.Tensor, mask: torch.Tensor,
+          b0: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(both0.new_empty(both0.shape[0], b.shape[0]) for b in (b0, b1, b2))  # type: ignore[return-value]
+
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
@@ -124,3 +183,10 @@ def lora_expand(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor) ->
     hidden = both[:, out_features:] * mask
     # one GEMM adds the LoRA term onto the base output (beta = 1); base rows add exactly 0
     return torch.addmm(both[:, :out_features], hidden, lora_b.t())
+
+
+def lora_expand3(boths: list[torch.Tensor], mask: torch.Tensor, lora_bs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`lora_expand` of three layers over the same rows and slot layout, in one launch on a GPU."""
+    if boths[0].is_cuda or _interpreted():
+        return list(torch.ops.voxcpm_api.lora_expand3(*boths, mask, *lora_bs))
+    return [lora_expand(both, mask, lora_b) for both, lora_b in zip(boths, lora_bs)]

@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from voxcpm.modules.minicpm4.model import apply_rotary_pos_emb
 
 from .attention_kernels import use_short_attention
-from .multi_lora import LoRAContext, SlotWeights
+from .multi_lora import LoRAContext, SlotWeights, project_together
 from .scheduler import attention_bucket
 
 log = logging.getLogger("voxcpm_api.engine.batched")
@@ -76,9 +76,10 @@ def _attention_inputs(layer: Any, x: torch.Tensor, cos: torch.Tensor | None,
     rows = x.shape[0]
     attn = layer.self_attn
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(rows, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+    q, k, v = project_together((attn.q_proj, attn.k_proj, attn.v_proj), h)
+    q = q.view(rows, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = k.view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+    v = v.view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
     if cos is not None and sin is not None:
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q.contiguous(), k, v

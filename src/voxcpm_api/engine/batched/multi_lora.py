@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lora_runtime import AdoptedLinear, wrap_linear
-from .lora_kernels import lora_expand, register_op
+from .lora_kernels import lora_expand, lora_expand3, register_op
 
 
 _PACKS_KEPT = 16  # packed host copies of adapters kept for reloading a slot (as many as the host LRU keeps)
@@ -88,6 +88,20 @@ class MultiLoRALinear(AdoptedLinear):
     def extra_repr(self) -> str:
         slots = "none" if self.lora_a is None else str(self.lora_a.shape[0])
         return f"in_features={self.in_features}, out_features={self.out_features}, lora_rows={slots}"
+
+
+def project_together(layers: tuple[nn.Module, nn.Module, nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Three projections of the same input (an attention's q, k and v): when rows carry adapters and all
+    three layers are wrapped, their three LoRA expands run as one kernel launch; otherwise each layer's
+    own forward. The arithmetic is each layer's own either way."""
+    if all(isinstance(layer, MultiLoRALinear) and layer.fused_weight is not None for layer in layers):
+        mask = layers[0].context.mask  # type: ignore[union-attr]
+        if mask is not None:
+            boths = [F.linear(x, layer.fused_weight, layer.fused_bias).reshape(-1, layer.fused_weight.shape[0])  # type: ignore[union-attr,arg-type]
+                     for layer in layers]
+            outs = lora_expand3(boths, mask, [layer.lora_b for layer in layers])  # type: ignore[misc]
+            return [out.view(*x.shape[:-1], layer.out_features) for out, layer in zip(outs, layers)]  # type: ignore[union-attr]
+    return [layer(x) for layer in layers]
 
 
 class SlotWeights:
