@@ -87,9 +87,19 @@ with torch.no_grad():
     together = project_together(tuple(layers), x)
     alone = [layer(x) for layer in layers]
 together_max = max(float((a - b).abs().max()) for a, b in zip(together, alone))
+
+# prefills ask for the torch form (context.kernel = False): no launch, the same arithmetic
+import voxcpm_api.engine.batched.lora_kernels as lk
+launches = []
+lk._launch, lk._launch3 = (lambda *a, **k: launches.append(1)), (lambda *a, **k: launches.append(3))
+context.kernel = False
+with torch.no_grad():
+    torch_form = project_together(tuple(layers), x) + [wrapper(x)]
+torch_form_max = max(float((a - b).abs().max()) for a, b in zip(torch_form, alone + [got]))
 print(json.dumps({"cases": cases, "layer_rel": float((got.double() - want).abs().max() / want.abs().max()),
                   "layer_shape_ok": list(got.shape) == [3, 5, 10], "grouped": grouped,
-                  "together_max": together_max, "together_shapes": [list(t.shape) for t in together]}))
+                  "together_max": together_max, "together_shapes": [list(t.shape) for t in together],
+                  "torch_form_launches": len(launches), "torch_form_max": torch_form_max}))
 """
 
 
@@ -110,3 +120,4 @@ def test_lora_expand_kernel_matches_the_arithmetic() -> None:
         assert case["rel"] < 1e-6, case
     assert result["together_shapes"] == [[3, 5, 16], [3, 5, 8], [3, 5, 8]]
     assert result["together_max"] < 1e-5, result
+    assert result["torch_form_launches"] == 0 and result["torch_form_max"] < 1e-5, result

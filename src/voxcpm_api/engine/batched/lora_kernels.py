@@ -171,11 +171,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 
 
-def lora_expand(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+def lora_expand(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """both: (M, out + K) = [base | hidden]; mask: (R, K) with R dividing M (row m uses mask row m // (M/R));
-    lora_b: (out, K). Returns (M, out) = base + (hidden * mask) @ lora_b^T."""
+    lora_b: (out, K). Returns (M, out) = base + (hidden * mask) @ lora_b^T. kernel=False: the torch form
+    (always off the GPU)."""
     out_features = lora_b.shape[0]
-    if both.is_cuda or _interpreted():
+    if kernel and (both.is_cuda or _interpreted()):
         return torch.ops.voxcpm_api.lora_expand(both, mask, lora_b)
     rep = both.shape[0] // mask.shape[0]
     if rep != 1:
@@ -185,8 +186,9 @@ def lora_expand(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor) ->
     return torch.addmm(both[:, :out_features], hidden, lora_b.t())
 
 
-def lora_expand3(boths: list[torch.Tensor], mask: torch.Tensor, lora_bs: list[torch.Tensor]) -> list[torch.Tensor]:
+def lora_expand3(boths: list[torch.Tensor], mask: torch.Tensor, lora_bs: list[torch.Tensor],
+                 kernel: bool = True) -> list[torch.Tensor]:
     """`lora_expand` of three layers over the same rows and slot layout, in one launch on a GPU."""
-    if boths[0].is_cuda or _interpreted():
+    if kernel and (boths[0].is_cuda or _interpreted()):
         return list(torch.ops.voxcpm_api.lora_expand3(*boths, mask, *lora_bs))
-    return [lora_expand(both, mask, lora_b) for both, lora_b in zip(boths, lora_bs)]
+    return [lora_expand(both, mask, lora_b, kernel=False) for both, lora_b in zip(boths, lora_bs)]

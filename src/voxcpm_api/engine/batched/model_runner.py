@@ -265,12 +265,14 @@ class BatchedModel:
         with_lora = any(slot is not None for _, _, slot in items)
         masks = feat_mask.cpu()  # one device sync for every row's prompt layout
         self._lora_rows(torch.tensor(adapters, device=self.device) if with_lora else None)
+        self.lora_context.kernel = False  # see LoRAContext: a prefill is bound by the host
         try:
             with sdpa_kernel(_PREFILL_ATTENTION):
                 enc_out, kv, res_out, res_kv = self._prefill_forward(text, text_mask, feat, feat_mask,
                                                                       masks.nonzero().to(self.device))
         finally:
             self._lora_rows(None)
+            self.lora_context.kernel = True
         # Write every row's state with a few batched copies (a per-row, per-layer loop was thousands of
         # tiny copies per prefill). KV positions past a row's own length hold its padding's keys: the
         # decode step writes position p before it lets the row attend to it, so they are never read.
