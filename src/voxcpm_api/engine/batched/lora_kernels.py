@@ -107,6 +107,7 @@ def _launch(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor, out: t
 
 def _launch3(boths: list[torch.Tensor], mask: torch.Tensor, lora_bs: list[torch.Tensor],
              outs: list[torch.Tensor]) -> None:
+    """`_launch` for three layers over the same rows and slot layout (one tile size, the widest layer's)."""
     rows = outs[0].shape[0]
     widths = [out.shape[1] for out in outs]
     block_m, block_n, block_k, warps = _tiles(rows, max(widths))

@@ -13,10 +13,12 @@ A row of the batch picks its slot through a mask (N, S * r_cap) that holds the s
 
 W and A_cat are the rows of one fused weight [W; A_cat], so the base output and every slot's hidden
 come from one GEMM, and `lora_kernels.lora_expand` adds the masked B term in one more kernel (on a
-GPU; a torch form elsewhere). For a row of slot s this is x W^T + b + (x A_s^T * scaling_s) B_s^T: the official LoRALinear's
-arithmetic up to float rounding (the scaling is applied before B instead of after; zero padding
-adds exact zeros). For a base row the mask is 0, the added term is exactly 0 and y equals the plain
-layer bit for bit. Ranks up to r_cap, alphas and target sets may all differ between slots: an
+GPU; a torch form elsewhere). For a row of slot s this is x W^T + b + (x A_s^T * scaling_s) B_s^T:
+the official LoRALinear's arithmetic up to float rounding (the scaling is applied before B instead of
+after; zero padding adds exact zeros). For a base row the mask is 0 and the added term is exactly 0:
+y is the fused GEMM's base columns, the plain layer up to that GEMM's accumulation order (bit for bit
+in our CPU tests; a GPU library may pick another kernel for the wider matrix).
+Ranks up to r_cap, alphas and target sets may all differ between slots: an
 adapter that does not target a layer leaves its block of that layer zero.
 
 peft cannot do this: its LoRA layers hold one set of active adapters for the whole forward call,
@@ -86,7 +88,7 @@ class MultiLoRALinear(AdoptedLinear):
             return F.linear(x, self.weight, self.bias)
         # one GEMM makes the base output and every slot's x A^T; one more kernel adds each row's own term
         both = F.linear(x, self.fused_weight, self.fused_bias)  # (N, ..., out + S * r_cap)
-        out = lora_expand(both.reshape(-1, both.shape[-1]), mask, self.lora_b, self.context.kernel)  # (N * ..., out)
+        out = lora_expand(both.flatten(0, -2), mask, self.lora_b, self.context.kernel)  # (N * ..., out)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -102,10 +104,10 @@ def project_together(layers: tuple[nn.Module, nn.Module, nn.Module], x: torch.Te
         context = layers[0].context  # type: ignore[union-attr]
         mask = context.mask
         if mask is not None:
-            boths = [F.linear(x, layer.fused_weight, layer.fused_bias).reshape(-1, layer.fused_weight.shape[0])  # type: ignore[union-attr,arg-type]
-                     for layer in layers]
-            outs = lora_expand3(boths, mask, [layer.lora_b for layer in layers], context.kernel)  # type: ignore[misc]
-            return [out.view(*x.shape[:-1], layer.out_features) for out, layer in zip(outs, layers)]  # type: ignore[union-attr]
+            wrapped: list[MultiLoRALinear] = list(layers)  # type: ignore[arg-type]
+            boths = [F.linear(x, w.fused_weight, w.fused_bias).flatten(0, -2) for w in wrapped]  # (N, out + S * r_cap)
+            outs = lora_expand3(boths, mask, [w.lora_b for w in wrapped], context.kernel)  # type: ignore[misc]
+            return [out.view(*x.shape[:-1], w.out_features) for out, w in zip(outs, wrapped)]
     return [layer(x) for layer in layers]
 
 
