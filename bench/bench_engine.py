@@ -638,10 +638,6 @@ def run_round(
     return [f.result() for f in futures], wall
 
 
-def round_cost_estimate(started: float, reps: int, warm_share: float) -> float:
-    return (time.perf_counter() - started) / (reps + warm_share)
-
-
 # kernel name fragments -> kind, first match wins (cuBLAS/cuDNN/CUTLASS kernel names on Hopper)
 _KERNEL_KINDS = (
     ("lora expand (ours)", ("_lora_expand",)),
@@ -878,14 +874,14 @@ def run_ours(args: argparse.Namespace, ckpt, report: Report, deadline: Deadline,
                 "stats": stats,
             }
             ours["configs"][key] = entry
+            round_cost = (time.perf_counter() - cost_started) / (reps + warm_share)
             if key in args.profile and not mem.cuda:
                 report.note("skipped", f"--profile {key}: GPU kernel times need CUDA")
-            elif key in args.profile and deadline.allows(1.5 * round_cost_estimate(cost_started, reps, warm_share)):
+            elif key in args.profile and deadline.allows(1.5 * round_cost):
                 entry["profile"] = profile_round(
                     report, key, lambda: run_round(engine, lambda i: make_request(i, args.patches), c, reps * c,
                                                    sample_rate, max(10.0, deadline.left() - 5), names)
                 )
-            round_cost = (time.perf_counter() - cost_started) / (reps + warm_share)
             last_c = c
             log(
                 f"ours {key}: TTFP p50 {entry['ttfp_ms_p50']} ms, RTF p50 {entry['rtf_p50']}, "

@@ -25,7 +25,6 @@ forward, unchanged. The layers' parameters and names stay as they are: only the 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -33,6 +32,7 @@ import triton.language as tl
 from voxcpm.modules.minicpm4.model import MiniCPMAttention
 
 from .multi_lora import project_together
+from .triton_support import triton_serves
 
 _MAX_POSITIONS = 16  # the tile sizes measured and tested (VoxCPM: 5 to 11); longer sequences take the official path
 
@@ -122,10 +122,6 @@ def register_op() -> None:
         return torch.empty_like(q)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
-
-
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,
                     position_emb: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """q: (B, T, H * head_dim), k and v: (B, T, KVH * head_dim), the linear layers' outputs; position_emb: the
@@ -139,7 +135,7 @@ def fits(hidden_states: torch.Tensor, head_dim: int, heads: int, kv_heads: int) 
     power-of-two head sizes tl.dot and tl.arange need."""
     def pow2(n: int) -> bool:
         return n >= 16 and n & (n - 1) == 0
-    return ((hidden_states.is_cuda or _interpreted()) and hidden_states.shape[1] <= _MAX_POSITIONS
+    return (triton_serves(hidden_states) and hidden_states.shape[1] <= _MAX_POSITIONS
             and pow2(head_dim) and heads % kv_heads == 0 and (heads // kv_heads) & (heads // kv_heads - 1) == 0)
 
 

@@ -22,11 +22,12 @@ the single rounding.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_support import triton_serves
 
 
 @triton.jit
@@ -168,16 +169,12 @@ def register_op() -> None:
         return tuple(both0.new_empty(both0.shape[0], b.shape[0]) for b in (b0, b1, b2))  # type: ignore[return-value]
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
-
-
 def lora_expand(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """both: (M, out + K) = [base | hidden]; mask: (R, K) with R dividing M (row m uses mask row m // (M/R));
     lora_b: (out, K). Returns (M, out) = base + (hidden * mask) @ lora_b^T. kernel=False: the torch form
     (always off the GPU)."""
     out_features = lora_b.shape[0]
-    if kernel and (both.is_cuda or _interpreted()):
+    if kernel and triton_serves(both):
         return torch.ops.voxcpm_api.lora_expand(both, mask, lora_b)
     rep = both.shape[0] // mask.shape[0]
     if rep != 1:
@@ -190,6 +187,6 @@ def lora_expand(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor, ke
 def lora_expand3(boths: list[torch.Tensor], mask: torch.Tensor, lora_bs: list[torch.Tensor],
                  kernel: bool = True) -> list[torch.Tensor]:
     """`lora_expand` of three layers over the same rows and slot layout, in one launch on a GPU."""
-    if kernel and (boths[0].is_cuda or _interpreted()):
+    if kernel and triton_serves(boths[0]):
         return list(torch.ops.voxcpm_api.lora_expand3(*boths, mask, *lora_bs))
     return [lora_expand(both, mask, lora_b, kernel=False) for both, lora_b in zip(boths, lora_bs)]

@@ -18,12 +18,13 @@ official code runs unchanged.
 
 from __future__ import annotations
 
-import os
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import nn
+
+from .triton_support import triton_serves
 
 _BLOCK_T = 1024  # time samples per program
 
@@ -98,7 +99,7 @@ class FusedResidualUnit(nn.Module):
                 and pointwise.kernel_size[0] == 1 and pointwise.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, T) float32
-        if x.dtype != torch.float32 or x.dim() != 3 or not (x.is_cuda or _interpreted()):
+        if x.dtype != torch.float32 or x.dim() != 3 or not triton_serves(x):
             return x + self.block(x)  # the official CausalResidualUnit.forward
         x = x.contiguous()
         rows, length = x.shape[0] * x.shape[1], x.shape[2]
@@ -112,10 +113,6 @@ class FusedResidualUnit(nn.Module):
                             TAPS=self.taps, BLOCK=_BLOCK_T)
         y = F.conv1d(s2, self.pw_w, self.pw_b)
         return y.add_(x)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 
 
 def fuse_residual_units(decoder: nn.Module) -> int:
