@@ -473,8 +473,11 @@ def test_periodic_cleanup_removes_old_files_by_itself(make_server) -> None:
     fresh = client.post("/synthesize", json={"text": "fresh one", "async_mode": False}).json()
     old_path, fresh_path = Path(old["audio_path"]), Path(fresh["audio_path"])
     _age(old_path, 7200)
-    wait_until(lambda: not old_path.exists(), 10, 0.05, "the periodic sweep")
+    # the sweep deletes its files, then records them in the store: wait for the record, the sweep's last act
+    # (waiting for the file alone raced the record's update on a loaded machine)
+    record = wait_until(lambda: (r := client.get(f"/task/{old['task_id']}").json())["audio_path"] is None and r,
+                        10, 0.05, "the periodic sweep")
+    assert not old_path.exists()
     assert fresh_path.exists()
-    record = client.get(f"/task/{old['task_id']}").json()
     assert record["status"] == "completed" and record["audio_path"] is None
     assert "cleanup" in record["message"]
