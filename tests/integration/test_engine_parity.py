@@ -388,3 +388,33 @@ def test_text_normalisation_matches_official(engines, official, arch) -> None:
     assert wav.shape == reference.shape and max_abs(wav, reference) <= 2e-3
     plain, _ = ours(engines[arch], request(None, text=text))
     assert plain.shape != wav.shape or max_abs(plain, wav) > 0, "normalisation must change what is spoken"
+
+
+@pytest.mark.parametrize("arch", ["voxcpm", "voxcpm2"])
+def test_load_skips_random_init_and_keeps_every_official_weight(engines, official, arch, tiny_checkpoints, tmp_path,
+                                                                caplog) -> None:
+    """The engine builds the official model with torch.nn.init skipped (every weight comes from the
+    checkpoint): each tensor equals the official load's, bit for bit. A checkpoint missing a weight
+    makes it load again the official way, so that weight keeps the official initial value."""
+    ours = engines[arch].tts_model.state_dict()
+    theirs = official(arch, None).tts_model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    caplog.set_level("WARNING", logger="voxcpm_api.engine")
+    VoxCPMEngine(EngineConfig(model=str(tiny_checkpoints.models[arch]), device="cpu")).load()
+    assert "loading again" not in caplog.text  # a complete checkpoint: one load, without the random draws
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_checkpoints.models[arch], partial)
+    weights = load_file(partial / "model.safetensors")
+    dropped = sorted(k for k in weights if k.endswith("stop_head.weight"))
+    assert dropped
+    save_file({k: v for k, v in weights.items() if k not in dropped}, str(partial / "model.safetensors"))
+    torch.manual_seed(0)
+    engine = VoxCPMEngine(EngineConfig(model=str(partial), device="cpu"))
+    engine.load()
+    assert "loading again with the official initialisation" in caplog.text
+    head = engine.tts_model.state_dict()[dropped[0]]
+    assert torch.isfinite(head).all() and head.abs().sum() > 0  # initialised, not left as allocated
+    assert not torch.equal(head, theirs[dropped[0]])  # and not the checkpoint's: the file lacked it

@@ -105,12 +105,18 @@ class VoxCPMEngine:
             from .lora_runtime import LoRARuntime
 
             device = None if self.config.device in ("", "auto") else self.config.device
-            vox = voxcpm.VoxCPM(
-                voxcpm_model_path=str(model_dir),
-                enable_denoiser=False,
-                optimize=self.config.compile,
-                device=device,
-            )
+
+            def official() -> Any:
+                return voxcpm.VoxCPM(voxcpm_model_path=str(model_dir), enable_denoiser=False,
+                                     optimize=self.config.compile, device=device)
+
+            with _checkpoint_weights_only() as missing:
+                vox = official()
+            if missing:  # weights the checkpoint lacks keep their initial values: load again the official way
+                log.warning("the checkpoint has no %d weights (%s...); loading again with the official "
+                            "initialisation", len(missing), ", ".join(missing[:3]))
+                del vox
+                vox = official()
         except errors.VoxError:
             raise
         except Exception as exc:
@@ -549,6 +555,48 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# torch.nn.init functions the official modules (and nn.Linear/Embedding/Conv defaults) initialise with
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+_init_patch_lock = threading.Lock()  # the patch is process-wide: one official load at a time
+
+
+@contextlib.contextmanager
+def _checkpoint_weights_only() -> Any:
+    """While the official loader runs: torch.nn.init leaves tensors as they are, and the keys every
+    `load_state_dict` call left missing are collected into the yielded list.
+
+    The official `from_local` builds the whole model on the CPU with random initialisation, then
+    overwrites every weight from the checkpoint (VoxCPM2: 2.3 B random draws thrown away; `uniform_`
+    alone was 7 s of a VoxCPM1.5 start profiled on an H100 host). Skipping the draws changes nothing
+    when the checkpoint holds every weight, which the collected keys show; the caller loads again the
+    official way when it does not."""
+    import torch
+
+    missing: list[str] = []
+    original = torch.nn.Module.load_state_dict
+
+    def recording(module: Any, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(module, state_dict, *args, **kwargs)
+        missing.extend(result.missing_keys)
+        return result
+
+    def untouched(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor
+
+    with _init_patch_lock:
+        saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+        try:
+            for name in saved:
+                setattr(torch.nn.init, name, untouched)
+            torch.nn.Module.load_state_dict = recording  # type: ignore[method-assign]
+            yield missing
+        finally:
+            for name, function in saved.items():
+                setattr(torch.nn.init, name, function)
+            torch.nn.Module.load_state_dict = original  # type: ignore[method-assign]
 
 
 def _silence_official_progress_bars() -> None:

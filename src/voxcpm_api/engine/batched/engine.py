@@ -19,6 +19,7 @@ row's audio never depends on its batch-mates.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -96,6 +97,7 @@ class _Job:
     adapter_key: str | None = None
     adapter: LoadedAdapter | None = None
     generator: torch.Generator | None = None
+    next_noise: torch.Tensor | None = None  # (feat_dim, patch): drawn while the previous step ran
     prefilled: Prefilled | None = None
     max_len: int = 0
     stream_state: Any = None
@@ -128,12 +130,14 @@ class BatchedEngine:
         self._stats_lock = threading.Lock()
         self._summary = EngineLoad(0, 0, config.max_rows, frozenset())
         self._stream_vae: Any = None
+        self._pinned: torch.Tensor | None = None  # decode thread: host staging for decoded audio
         self.stats_counters: dict[str, float] = {"steps": 0, "rows_stepped": 0, "prefills": 0, "adapter_slot_loads": 0,
                                                  "oom_recoveries": 0}
         # recent durations by phase (ms) and their running totals: where the loop's time goes
         self._durations: dict[str, deque[float]] = {name: deque(maxlen=500) for name in _PHASES}
         self._duration_totals: dict[str, float] = dict.fromkeys(_PHASES, 0.0)
         self.ready_s = 0.0
+        self.ready_phases_s: dict[str, float] = {}
 
     # ------------------------------------------------------------------ Engine protocol
 
@@ -149,31 +153,53 @@ class BatchedEngine:
         if self._info is not None:
             return self._info
         started = time.perf_counter()
+        phases: dict[str, float] = {}  # seconds per start-up phase: stats()["ready_<phase>_s"]
+        last = [started]
+
+        def lap(name: str) -> None:
+            now = time.perf_counter()
+            phases[name] = round(now - last[0], 2)
+            last[0] = now
+
         info = self._inner.load()
         tts = self._inner.tts_model
         self._shapes = dict(self._inner.linear_shapes())  # before any layer is wrapped
         device = next(tts.parameters()).device
+        lap("official_load")
+        vae_fused: concurrent.futures.Future[None] | None = None
         if device.type == "cuda":
             torch.cuda.set_device(device)
             if self.config.compile:
                 _persist_compiled_kernels(self.config.cache_dir)
-            _fuse_vae(tts)
+            # the AudioVAE's kernels build and warm up (Triton, cuDNN: ~9-12 s) on a thread of their own,
+            # overlapping the decode step's compilation and capture below; ready waits for both
+            warm_up = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vae-warm-up")
+            vae_fused = warm_up.submit(_fuse_vae, tts, device)
+            warm_up.shutdown(wait=False)  # its thread ends with the task
         try:
             self._model = BatchedModel(tts, info.architecture, self.config.max_rows, self.config.max_seq_len,
                                        self.config.lora_slots, self.config.cuda_graphs, self.config.compile)
+            lap("wrap")
+            phases.update({f"wrap_{name}": round(seconds, 2) for name, seconds in self._model.init_phases_s.items()})
             if self._model.use_graphs:
                 lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
                 self._model.warm_up(batch_buckets_up_to(self.config.max_rows), lens, self.config.capture_solver_steps)
+                lap("compile_and_capture" if self._model.compiled else "capture")
             if self._model.compiled:
                 # compile the prefill's variant of the layer graph now (~3 s), not in the first request
                 with torch.inference_mode():
                     inputs = self._official_inputs(ChunkRequest(text="Warm up.", adapter=None, cfg_scale=2.0,
                                                                 steps=self.config.capture_solver_steps, seed=0))
                     self._model.prefill([(0, inputs, None)])
+                lap("prefill_compile")
+            if vae_fused is not None:
+                vae_fused.result()
+                lap("vae_kernels_wait")
         except torch.OutOfMemoryError as exc:
             raise errors.EngineFailure(
                 f"not enough GPU memory for {self.config.max_rows} rows of {self.config.max_seq_len} positions "
                 f"({_short(exc)}); lower --max-concurrent or --max-seq-len") from exc
+        self.ready_phases_s = phases
         self._info = EngineInfo(model_id=info.model_id, architecture=info.architecture,
                                 sample_rate_hz=info.sample_rate_hz, patch_duration_s=info.patch_duration_s,
                                 device=str(device), needs_ref_text=info.needs_ref_text)
@@ -262,6 +288,7 @@ class BatchedEngine:
             out["adapter_switch_ms"] = out["adapter_switch_ms_p50"]
         out["graph_captures"] = self._model.graph_captures if self._model is not None else 0
         out["ready_s"] = self.ready_s
+        out.update({f"ready_{phase}_s": seconds for phase, seconds in self.ready_phases_s.items()})
         return out
 
     def _record(self, phase: str, started: float) -> None:
@@ -357,11 +384,11 @@ class BatchedEngine:
             audio = tts.audio_vae.decode(feat.to(torch.float32)).reshape(len(jobs), -1)
             per_patch = audio.shape[1] // max(lengths)
             drop = self._drop_samples_per_patch()
-            host = audio.float().cpu().numpy()
+            host = self._to_host(audio.float())
             self._record("vae_decode", started)
             for i, job in enumerate(jobs):
                 row = host[i, : lengths[i] * per_patch]
-                job.samples = np.ascontiguousarray(row[drop * job.drop_patches:], dtype=np.float32)
+                job.samples = np.array(row[drop * job.drop_patches:], dtype=np.float32)  # a copy: `host` is reused
                 self._end(job, None)
         except torch.OutOfMemoryError as exc:
             for job in jobs:
@@ -370,6 +397,18 @@ class BatchedEngine:
             log.exception("decoding failed")
             for job in jobs:
                 self._end(job, errors.EngineFailure(f"decoding the audio failed: {_short(exc)}"))
+
+    def _to_host(self, audio: torch.Tensor) -> np.ndarray:
+        """Decode thread: `audio` in host memory, through a reused page-locked buffer on a GPU (a copy to
+        pageable memory ran at ~3 GB/s on an H100 host: ~19 ms per 64 rows x 5 s of VoxCPM2 audio)."""
+        if audio.device.type != "cuda":
+            return audio.numpy()
+        if self._pinned is None or self._pinned.numel() < audio.numel():
+            self._pinned = torch.empty(audio.numel(), dtype=audio.dtype, pin_memory=True)
+        host = self._pinned[: audio.numel()].view(audio.shape)
+        host.copy_(audio, non_blocking=True)
+        torch.cuda.current_stream(audio.device).synchronize()
+        return host.numpy()
 
     def _drop_samples_per_patch(self) -> int:
         tts = self._inner.tts_model
@@ -603,13 +642,17 @@ class BatchedEngine:
             else self._sched.batch_rows()
         noise = torch.zeros(rows, model.feat_dim, model.patch, dtype=torch.float32)
         for rid, slot in slots.items():
-            # the official CFM draws torch.randn((b, feat_dim, patch)) once per patch
-            noise[slot] = torch.randn((1, model.feat_dim, model.patch), generator=self._jobs[rid].generator,
-                                      dtype=torch.float32)[0]
+            job = self._jobs[rid]
+            noise[slot] = job.next_noise if job.next_noise is not None else self._draw_noise(job)
         started = time.perf_counter()
         try:
             model.noise[:rows].copy_(noise.to(model.dtype), non_blocking=False)
             model.step(rows, self._sched.attention_len(), self._sched.solver_steps(), self._sched.uses_adapters())
+            # while the GPU runs the step: each row's noise for its next patch. A row draws once per
+            # patch, in order, so drawing early keeps its sequence; a row that ends leaves its draw unused.
+            for rid in slots:
+                job = self._jobs[rid]
+                job.next_noise = self._draw_noise(job)
             stops = model.out_stop[:rows].tolist()
         except torch.OutOfMemoryError as exc:
             self._recover_oom()
@@ -655,6 +698,13 @@ class BatchedEngine:
         if finished:
             self._decode_q.put(finished)
         self._publish()
+
+    def _draw_noise(self, job: _Job) -> torch.Tensor:
+        """One patch's CFM noise, (feat_dim, patch) float32: the official CFM draws
+        torch.randn((b, feat_dim, patch)) once per patch, here from the row's own seeded generator."""
+        model = self._model
+        assert model is not None
+        return torch.randn((1, model.feat_dim, model.patch), generator=job.generator, dtype=torch.float32)[0]
 
     # ------------------------------------------------------------------ streaming decode (loop thread)
 
@@ -752,18 +802,24 @@ class BatchedEngine:
             self._summary = summary
 
 
-def _fuse_vae(tts: Any) -> None:
-    """Our Triton residual units in the AudioVAE decoder (vae_kernels: ~60 % of a batched decode was the
-    snake activation, PyTorch's generic depthwise kernel and padding copies), compiled here, not on the
-    first request."""
-    from .vae_kernels import fuse_residual_units  # Triton: CUDA only
+def _fuse_vae(tts: Any, device: torch.device) -> None:
+    """Our Triton kernels in the AudioVAE decoder (vae_kernels: most of a batched decode was float32
+    element-wise passes, layout conversions and copies around the convolutions), compiled here, not on
+    the first request. Runs on a load thread of its own, beside the step's CUDA-graph captures: those
+    capture in thread-local mode on a side stream, so this thread's launches and allocations stay out."""
+    from .vae_kernels import fuse_decoder  # Triton: CUDA only
 
+    torch.cuda.set_device(device)
     decoder = tts.audio_vae.decoder
-    swapped = fuse_residual_units(decoder)
+    units, blocks = fuse_decoder(decoder)
     param = next(decoder.parameters())
     with torch.inference_mode():
-        tts.audio_vae.decode(torch.zeros(1, tts.audio_vae.latent_dim, 8, device=param.device, dtype=torch.float32))
-    log.info("AudioVAE decoder: %d residual units fused", swapped)
+        # Triton specialises integer arguments on divisibility by 16: lengths of 8 and 16 latent frames
+        # build both variants of every kernel, which real decodes of any length then reuse
+        for frames in (8, 16):
+            tts.audio_vae.decode(torch.zeros(1, tts.audio_vae.latent_dim, frames, device=param.device,
+                                             dtype=torch.float32))
+    log.info("AudioVAE decoder: %d residual units and %d block heads fused", units, blocks)
 
 
 def _persist_compiled_kernels(cache_dir: Path) -> None:

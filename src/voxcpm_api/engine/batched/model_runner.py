@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,16 +125,21 @@ class BatchedModel:
         self.patch = int(tts.patch_size)
         self.feat_dim = int(tts.feat_dim)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        started = time.perf_counter()
+        self.init_phases_s: dict[str, float] = {}  # seconds per part of this constructor (start-up report)
         self.lora_context = LoRAContext()
         self.lora = SlotWeights(tts, max(1, lora_slots), self.lora_context)
+        self.init_phases_s["lora_slots"] = time.perf_counter() - started
         self.estimator = tts.feat_decoder.estimator
         self.feat_encoder = tts.feat_encoder
         # the DiT's and the local encoder's 5-11 position sequences: our kernel on a GPU (attention_kernels)
         use_short_attention([self.estimator.decoder, self.feat_encoder.encoder])
         self._attn_in, self._attn_out, self._euler = _attention_inputs, _attention_output, _guided_euler_step
+        self.init_phases_s["short_attention"] = time.perf_counter() - started - sum(self.init_phases_s.values())
         self.compiled = compile and self.device.type == "cuda"
         if self.compiled:
             self._compile()
+            self.init_phases_s["compile_setup"] = time.perf_counter() - started - sum(self.init_phases_s.values())
         self.mean_mode = bool(tts.feat_decoder.mean_mode)
         self.max_solver_steps = 0
         lm_cfg = tts.config.lm_config
