@@ -814,9 +814,10 @@ def _fuse_vae(tts: Any, device: torch.device) -> None:
     units, blocks = fuse_decoder(decoder)
     param = next(decoder.parameters())
     with torch.inference_mode():
-        # Triton specialises integer arguments on divisibility by 16: lengths of 8 and 16 latent frames
-        # build both variants of every kernel, which real decodes of any length then reuse
-        for frames in (8, 16):
+        # Triton specialises integer arguments on divisibility by 16: decodes of 3 and 16 latent frames
+        # give every decoder stage both classes its lengths can take, so a real decode of any length
+        # compiles nothing (one that did stalled its batch ~1.5 s)
+        for frames in (3, 16):
             tts.audio_vae.decode(torch.zeros(1, tts.audio_vae.latent_dim, frames, device=param.device,
                                              dtype=torch.float32))
     log.info("AudioVAE decoder: %d residual units and %d block heads fused", units, blocks)

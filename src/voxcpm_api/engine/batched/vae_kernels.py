@@ -42,10 +42,16 @@ from torch import nn
 from .triton_support import triton_serves
 
 _BLOCK_T = 1024  # time samples per program of the element-wise kernels
-_UPSAMPLE_MIN_IN_CHANNELS = 2048  # where `_upsample` beats cuDNN (see FusedDecoderBlock)
+_UPSAMPLE_MIN_IN_CHANNELS = 2048  # blocks offered our head; it stays where it times faster (FusedDecoderBlock)
 
 
-@triton.jit
+# Triton compiles a variant per divisibility (by 16) of each integer argument. Lengths take both classes
+# (the engine's warm-up decodes build both); x's strides would multiply the variants (a block's first
+# unit reads a slice of length L with row stride L + stride), so they are not specialised.
+_STRIDES_ANY = ("stride_xb", "stride_xc")
+
+
+@triton.jit(do_not_specialize=_STRIDES_ANY)
 def _snake(x_ptr, out_ptr, a_ptr, length, channels, stride_xb, stride_xc, BLOCK: tl.constexpr):
     """out = snake(x, a) for one (batch, channel) row and one block of time; out is contiguous, x is
     read through its batch and channel strides (unit time stride)."""
@@ -80,7 +86,7 @@ def _dwconv_snake(s_ptr, out_ptr, w_ptr, b_ptr, a_ptr, length, channels, dilatio
     tl.store(out_ptr + base + t, h + (1.0 / (a + 1e-9)) * sh * sh, mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STRIDES_ANY)
 def _unit_tail(x_ptr, s_ptr, out_ptr, pw_ptr, pwb_ptr, length, stride_xb, stride_xc, CHANNELS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     """out[b, m, t] = x[b, m, t] + pw_b[m] + sum_k pw_w[m, k] * s2[b, k, t] for one tile of (output
