@@ -46,8 +46,9 @@ clean:
 # Our engine runs with --compile (the committed results); BENCH_COMPILE= for the plain engine
 # (those results live in bench/results/no-compile: ARGS='--out-dir bench/results/no-compile').
 BENCH_COMPILE ?= --ours-compile
-# one more 64-row round under torch.profiler: GPU kernel time by kind in the report, top kernels in profile-*.txt
-BENCH_PROFILE ?= --profile c64-lora8
+# one more round under torch.profiler at 64 rows with 8 LoRAs and at one row (where launches, not FLOPs, set
+# the single-stream RTF): GPU kernel time by kind in the report, top kernels in profile-*.txt
+BENCH_PROFILE ?= --profile c64-lora8,c1-lora0
 bench: venv
 	@if $(VPY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
 	  $(VPY) bench/bench_engine.py --model voxcpm1.5 $(BENCH_COMPILE) $(BENCH_PROFILE) $(ARGS) && $(VPY) bench/bench_engine.py --model voxcpm2 $(BENCH_COMPILE) $(BENCH_PROFILE) $(ARGS); \
