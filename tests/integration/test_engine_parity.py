@@ -418,3 +418,31 @@ def test_load_skips_random_init_and_keeps_every_official_weight(engines, officia
     head = engine.tts_model.state_dict()[dropped[0]]
     assert torch.isfinite(head).all() and head.abs().sum() > 0  # initialised, not left as allocated
     assert not torch.equal(head, theirs[dropped[0]])  # and not the checkpoint's: the file lacked it
+
+
+def test_skipping_init_acts_on_the_loading_thread_only() -> None:
+    """The init patch is process-wide; its effect is not: a pool loads its engines on one thread each,
+    and another thread building modules meanwhile (a tiny checkpoint, say) must get its random values."""
+    import threading
+
+    from voxcpm_api.engine.voxcpm_engine import _checkpoint_weights_only
+
+    original = torch.nn.init.uniform_
+    results: dict[str, bool] = {}
+
+    def elsewhere() -> None:
+        t = torch.full((4, 4), 7.0)
+        torch.nn.init.uniform_(t)
+        results["other thread initialised"] = not torch.all(t == 7.0).item()
+
+    with _checkpoint_weights_only() as missing:
+        t = torch.full((4, 4), 7.0)
+        torch.nn.init.uniform_(t)
+        results["loading thread skipped"] = bool(torch.all(t == 7.0).item())
+        worker = threading.Thread(target=elsewhere)
+        worker.start()
+        worker.join()
+        torch.nn.Linear(2, 2).load_state_dict({"weight": torch.zeros(2, 2)}, strict=False)
+    assert results == {"loading thread skipped": True, "other thread initialised": True}
+    assert missing == ["bias"]  # what load_state_dict left missing, recorded for the loading thread
+    assert torch.nn.init.uniform_ is original  # restored on exit

@@ -560,13 +560,19 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 # torch.nn.init functions the official modules (and nn.Linear/Embedding/Conv defaults) initialise with
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
                    "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
-_init_patch_lock = threading.Lock()  # the patch is process-wide: one official load at a time
+# The patch below is process-wide (torch.nn.init and Module.load_state_dict), its effect per thread: the
+# functions act as usual except on a thread inside `_checkpoint_weights_only`, so another engine's
+# thread building modules meanwhile (a tiny checkpoint, an adapter) still gets its random values.
+_patch_lock = threading.Lock()
+_patch_users = 0
+_patch_saved: dict[str, Any] = {}
+_loading = threading.local()  # .missing: the list of the thread's load, while inside the context
 
 
 @contextlib.contextmanager
 def _checkpoint_weights_only() -> Any:
-    """While the official loader runs: torch.nn.init leaves tensors as they are, and the keys every
-    `load_state_dict` call left missing are collected into the yielded list.
+    """While the official loader runs on this thread: torch.nn.init leaves tensors as they are, and the
+    keys every `load_state_dict` call left missing are collected into the yielded list.
 
     The official `from_local` builds the whole model on the CPU with random initialisation, then
     overwrites every weight from the checkpoint (VoxCPM2: 2.3 B random draws thrown away; `uniform_`
@@ -575,28 +581,48 @@ def _checkpoint_weights_only() -> Any:
     official way when it does not."""
     import torch
 
+    global _patch_users
+    with _patch_lock:
+        if _patch_users == 0:
+            _install_init_patch(torch)
+        _patch_users += 1
     missing: list[str] = []
-    original = torch.nn.Module.load_state_dict
+    _loading.missing = missing
+    try:
+        yield missing
+    finally:
+        del _loading.missing
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                for name in _INIT_FUNCTIONS:
+                    setattr(torch.nn.init, name, _patch_saved.pop(name))
+                torch.nn.Module.load_state_dict = _patch_saved.pop("load_state_dict")  # type: ignore[method-assign]
 
-    def recording(module: Any, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(module, state_dict, *args, **kwargs)
-        missing.extend(result.missing_keys)
+
+def _install_init_patch(torch: Any) -> None:
+    def skipped_while_loading(original: Any) -> Any:
+        @functools.wraps(original)
+        def init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(_loading, "missing", None) is not None:
+                return tensor
+            return original(tensor, *args, **kwargs)
+        return init
+
+    for name in _INIT_FUNCTIONS:
+        _patch_saved[name] = getattr(torch.nn.init, name)
+        setattr(torch.nn.init, name, skipped_while_loading(_patch_saved[name]))
+    original_load = _patch_saved["load_state_dict"] = torch.nn.Module.load_state_dict
+
+    @functools.wraps(original_load)
+    def load_state_dict(module: Any, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original_load(module, state_dict, *args, **kwargs)
+        missing = getattr(_loading, "missing", None)
+        if missing is not None:
+            missing.extend(result.missing_keys)
         return result
 
-    def untouched(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-        return tensor
-
-    with _init_patch_lock:
-        saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-        try:
-            for name in saved:
-                setattr(torch.nn.init, name, untouched)
-            torch.nn.Module.load_state_dict = recording  # type: ignore[method-assign]
-            yield missing
-        finally:
-            for name, function in saved.items():
-                setattr(torch.nn.init, name, function)
-            torch.nn.Module.load_state_dict = original  # type: ignore[method-assign]
+    torch.nn.Module.load_state_dict = load_state_dict
 
 
 def _silence_official_progress_bars() -> None:
