@@ -41,7 +41,7 @@ from ...lora.catalog import AdapterSpec, adapter_key_str
 from ..base import AudioCallback, ChunkRequest, EngineLoad, PatchCallback
 from ..lora_runtime import LoadedAdapter, load_adapter
 from ..voxcpm_engine import EngineConfig, VoxCPMEngine, _normalize_text, _official_args, _short
-from .model_runner import BatchedModel, Prefilled, RowInputs
+from .model_runner import BatchedModel, PhaseClock, Prefilled, RowInputs
 from .scheduler import RowRequest, Scheduler, TooLong, batch_bucket, batch_buckets_up_to
 
 log = logging.getLogger("voxcpm_api.engine.batched")
@@ -153,14 +153,8 @@ class BatchedEngine:
         if self._info is not None:
             return self._info
         started = time.perf_counter()
-        phases: dict[str, float] = {}  # seconds per start-up phase: stats()["ready_<phase>_s"]
-        last = [started]
-
-        def lap(name: str) -> None:
-            now = time.perf_counter()
-            phases[name] = round(now - last[0], 2)
-            last[0] = now
-
+        clock = PhaseClock()  # seconds per start-up phase: stats()["ready_<phase>_s"]
+        lap = clock.lap
         info = self._inner.load()
         tts = self._inner.tts_model
         self._shapes = dict(self._inner.linear_shapes())  # before any layer is wrapped
@@ -180,7 +174,7 @@ class BatchedEngine:
             self._model = BatchedModel(tts, info.architecture, self.config.max_rows, self.config.max_seq_len,
                                        self.config.lora_slots, self.config.cuda_graphs, self.config.compile)
             lap("wrap")
-            phases.update({f"wrap_{name}": round(seconds, 2) for name, seconds in self._model.init_phases_s.items()})
+            clock.phases.update({f"wrap_{name}": seconds for name, seconds in self._model.init_phases_s.items()})
             if self._model.use_graphs:
                 lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
                 self._model.warm_up(batch_buckets_up_to(self.config.max_rows), lens, self.config.capture_solver_steps)
@@ -199,7 +193,7 @@ class BatchedEngine:
             raise errors.EngineFailure(
                 f"not enough GPU memory for {self.config.max_rows} rows of {self.config.max_seq_len} positions "
                 f"({_short(exc)}); lower --max-concurrent or --max-seq-len") from exc
-        self.ready_phases_s = phases
+        self.ready_phases_s = clock.phases
         self._info = EngineInfo(model_id=info.model_id, architecture=info.architecture,
                                 sample_rate_hz=info.sample_rate_hz, patch_duration_s=info.patch_duration_s,
                                 device=str(device), needs_ref_text=info.needs_ref_text)

@@ -113,6 +113,19 @@ def _guided_euler_step(out: torch.Tensor, x: torch.Tensor, cfg: torch.Tensor, dt
     return x - dt.view(rows, 1, 1) * dphi
 
 
+class PhaseClock:
+    """Seconds per named phase, each counted from the end of the one before (the start-up report)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self._last, 2)
+        self._last = now
+
+
 class BatchedModel:
     def __init__(self, tts: Any, architecture: str, max_rows: int, slot_len: int, lora_slots: int,
                  cuda_graphs: bool, compile: bool = False) -> None:
@@ -125,21 +138,21 @@ class BatchedModel:
         self.patch = int(tts.patch_size)
         self.feat_dim = int(tts.feat_dim)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        started = time.perf_counter()
-        self.init_phases_s: dict[str, float] = {}  # seconds per part of this constructor (start-up report)
+        clock = PhaseClock()
+        self.init_phases_s = clock.phases  # seconds per part of this constructor (start-up report)
         self.lora_context = LoRAContext()
         self.lora = SlotWeights(tts, max(1, lora_slots), self.lora_context)
-        self.init_phases_s["lora_slots"] = time.perf_counter() - started
+        clock.lap("lora_slots")
         self.estimator = tts.feat_decoder.estimator
         self.feat_encoder = tts.feat_encoder
         # the DiT's and the local encoder's 5-11 position sequences: our kernel on a GPU (attention_kernels)
         use_short_attention([self.estimator.decoder, self.feat_encoder.encoder])
         self._attn_in, self._attn_out, self._euler = _attention_inputs, _attention_output, _guided_euler_step
-        self.init_phases_s["short_attention"] = time.perf_counter() - started - sum(self.init_phases_s.values())
+        clock.lap("short_attention")
         self.compiled = compile and self.device.type == "cuda"
         if self.compiled:
             self._compile()
-            self.init_phases_s["compile_setup"] = time.perf_counter() - started - sum(self.init_phases_s.values())
+            clock.lap("compile_setup")
         self.mean_mode = bool(tts.feat_decoder.mean_mode)
         self.max_solver_steps = 0
         lm_cfg = tts.config.lm_config

@@ -113,6 +113,7 @@ def _unit_tail(x_ptr, s_ptr, out_ptr, pw_ptr, pwb_ptr, length, stride_xb, stride
     y = acc + tl.load(pwb_ptr + m, mask=m_in, other=0.0)[:, None] + x
     tl.store(out_ptr + s_base + m.to(tl.int64)[:, None] * length + t[None, :], y, mask=tile)
 
+
 @triton.jit
 def _upsample(u_ptr, out_ptr, w_ptr, bias_ptr, length_in,
               C_IN: tl.constexpr, C_OUT: tl.constexpr, STRIDE: tl.constexpr,
@@ -151,6 +152,17 @@ def _upsample(u_ptr, out_ptr, w_ptr, bias_ptr, length_in,
     t = q * STRIDE + r
     out_rows = batch.to(tl.int64) * C_OUT * length_out + m.to(tl.int64)[:, None] * length_out
     tl.store(out_ptr + out_rows + t[None, :], y, mask=m_in[:, None] & (q < length_in)[None, :])
+
+
+def _snaked(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """snake(x, alpha) as a new contiguous tensor; x: (B, C, T) float32 with unit time stride, any other
+    strides; alpha: (C,)."""
+    batch, channels, length = x.shape
+    out = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
+    _snake[(batch * channels, triton.cdiv(length, _BLOCK_T))](x, out, alpha, length, channels, x.stride(0),
+                                                              x.stride(1), BLOCK=_BLOCK_T)
+    return out
+
 
 def _effective_weight(conv: nn.Conv1d) -> torch.Tensor:
     """The weight a (possibly weight-normed) conv uses in its forward, computed the way its hook does."""
@@ -204,9 +216,8 @@ class FusedResidualUnit(nn.Module):
         if x.stride(2) != 1:
             x = x.contiguous()
         batch, channels, length = x.shape
-        s1 = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
+        s1 = _snaked(x, self.a1)
         grid = (batch * channels, triton.cdiv(length, _BLOCK_T))
-        _snake[grid](x, s1, self.a1, length, channels, x.stride(0), x.stride(1), BLOCK=_BLOCK_T)
         s2 = torch.empty_like(s1)
         _dwconv_snake[grid](s1, s2, self.w, self.b, self.a2, length, channels, self.dilation,
                             TAPS=self.taps, BLOCK=_BLOCK_T)
@@ -279,9 +290,7 @@ class FusedDecoderBlock:
             x = x.contiguous()
         c_in, c_out, stride = self.up_shape
         batch, length = x.shape[0], x.shape[2]
-        u = torch.empty(batch, c_in, length, device=x.device, dtype=x.dtype)
-        _snake[(batch * c_in, triton.cdiv(length, _BLOCK_T))](x, u, self.up_a, length, c_in, x.stride(0), x.stride(1),
-                                                              BLOCK=_BLOCK_T)
+        u = _snaked(x, self.up_a)
         y = torch.empty(batch, c_out, length * stride, device=x.device, dtype=x.dtype)
         block_m, block_k, block_q, warps, stages = _upsample_tiles(c_in, c_out)
         grid = (batch * triton.cdiv(length, block_q) * stride, triton.cdiv(c_out, block_m))
