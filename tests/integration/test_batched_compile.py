@@ -117,3 +117,73 @@ def test_compiled_layers_keep_our_kernels_without_graph_breaks(tiny_checkpoints:
         assert result["calls"][name] > result["eager_calls"][name], result  # the compiled run launched them too
     assert result["breaks"] == 0, result["break_reasons"]
     assert result["max_abs"] < 1e-4, result
+
+
+# the first adapter (r16_proj_mlp) targets the LMs' o_proj and gate_proj (and projections outside the layers):
+# it touches one compiled region, the second half of an LM layer, whose wrapped layers make two more variants
+# (rows with an adapter; calls with none), shared by steps and prefills of any size
+LORA_GRAPHS = 6
+GRAPH_COUNT = r"""
+import json, sys, threading
+import torch
+from pathlib import Path
+from torch._dynamo.utils import counters
+
+# dynamo's guards decide the variants, whatever backend compiles them: "eager" keeps this test fast
+_compile, _module_compile = torch.compile, torch.nn.Module.compile
+torch.compile = lambda *a, **k: _compile(*a, **{**k, "backend": "eager"})
+torch.nn.Module.compile = lambda self, *a, **k: _module_compile(self, *a, **{**k, "backend": "eager"})
+
+from voxcpm_api.engine.base import ChunkRequest
+from voxcpm_api.engine.batched.engine import BatchedConfig, BatchedEngine
+from voxcpm_api.lora.catalog import LoRACatalog
+
+model_dir, lora_root, cache = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+engine = BatchedEngine(BatchedConfig(model=model_dir, device="cpu", max_rows=4, max_seq_len=256, cache_dir=cache))
+engine.load()
+torch._dynamo.reset()
+counters.clear()
+engine._call_in_loop(engine._model._compile)
+def request(i, adapter=None):
+    return ChunkRequest(text=f"Row {i} of the graph count.", adapter=adapter, cfg_scale=2.0, steps=4, seed=i,
+                        max_patches=3)
+def together(requests):
+    threads = [threading.Thread(target=engine.generate, args=(r, lambda: None)) for r in requests]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+engine.generate(request(0), lambda: None)  # one row: decode steps and a prefill of one prompt
+one_row = counters["stats"]["unique_graphs"]
+together([request(i) for i in range(1, 4)])  # three rows, prefills of several prompts
+several = counters["stats"]["unique_graphs"]
+adapter = LoRACatalog(lora_root).resolve(sorted(p.name for p in lora_root.iterdir() if p.is_dir())[0])
+engine.generate(request(4, adapter), lambda: None)  # its layers are wrapped now: one row with the adapter
+engine.generate(request(5), lambda: None)  # and one without, through the wrapped layers
+together([request(6, adapter), request(7), request(8, adapter)])  # mixed rows, prompts with and without
+engine.close()
+print(json.dumps({"one_row": one_row, "several": several, "with_lora": counters["stats"]["unique_graphs"],
+                  "breaks": sum(counters["graph_break"].values())}))
+"""
+
+
+@pytest.mark.parametrize("arch", ["voxcpm", "voxcpm2"])
+@pytest.mark.xdist_group("batched-compile")
+def test_each_compiled_region_has_one_variant(tiny_checkpoints: TinyCheckpoints, tiny_root: Path, arch: str) -> None:
+    """Each variant costs a first start ~3 s on an H100 host (ADR 0009). The compiled regions are the two LM
+    layer halves (decode steps and prefills alike), the DiT / local-encoder layer and the Euler update: one
+    variant each for one row or several, one prompt or several, both LMs (VoxCPM2's residual LM has no
+    rotary), and one more of each region an adapter touches once rows carry one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    done = subprocess.run([sys.executable, "-c", GRAPH_COUNT, str(tiny_checkpoints.models[arch]),
+                           str(tiny_checkpoints.lora_roots[arch]), str(tiny_root / f"graph-count-{arch}")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["breaks"] == 0, result
+    assert result["one_row"] == 4, result
+    assert result["several"] == 4, result  # no variant for more rows or prompts
+    assert result["with_lora"] == LORA_GRAPHS, result

@@ -506,3 +506,27 @@ def test_failed_adapter_slot_load_is_not_left_resident(batched_envs, tiny_root: 
         assert max_abs(again, env.want(SPECS["r4"])) <= TOLERANCE
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompts_padded_to_graph_buckets_match_each_request_alone(batched_envs, arch: str) -> None:
+    """On a GPU every prefill is padded to a CUDA-graph bucket (powers of two in prompts and positions);
+    the padding must change no request's audio. Here the CPU engine pads the same way (white-box switch)
+    and the mixed batch (adapters, cloning prompts, streams) is checked against the official package."""
+    env = batched_envs(arch)
+    engine = env.batched
+    model = engine._model
+    assert model is not None and not model.pad_prefills  # the CPU default: each batch at its own size
+
+    def set_padding(value: bool) -> None:
+        model.pad_prefills = value
+
+    engine._call_in_loop(lambda: set_padding(True))
+    try:
+        rows = [Row(s, env.request(s)) for s in specs_for(arch, MIXED)]
+        run_batch(engine, rows)
+        wait_idle(engine)
+    finally:
+        engine._call_in_loop(lambda: set_padding(False))
+    diffs = {row.spec.label: check_row(env, row) for row in rows}
+    _measure(f"padded prefills {arch}: max|diff| {max(diffs.values()):.3g}")

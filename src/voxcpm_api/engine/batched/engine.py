@@ -52,6 +52,9 @@ _PHASES = ("step", "adapter_switch", "prepare", "prefill", "vae_decode")
 PREFILL_TOKENS = 8192  # padded prompt positions per batched prefill
 ENCODES_AT_ONCE = 2  # reference audios encoded concurrently by callers (each holds its audio on the device)
 DECODE_AUDIO_S_PER_CALL = 120.0  # padded audio seconds per batched AudioVAE decode (bounds its memory)
+# prefill graphs captured while idle after ready (prompts x positions buckets); others on first use
+DEFERRED_PREFILL_PROMPTS = (1, 2, 4, 8)
+DEFERRED_PREFILL_LENGTHS = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class BatchedConfig:
     cache_dir: Path = field(default_factory=lambda: EngineConfig(model="").cache_dir)
     feature_cache_dir: Path | None = None
     prompt_cache_size: int = 32
-    capture_attention_lens: tuple[int, ...] = (256, 512)  # graphs captured at start-up
+    capture_attention_lens: tuple[int, ...] = (256, 512)  # graphs captured: the first before ready, then idle
     capture_solver_steps: int = 10
 
 
@@ -138,6 +141,11 @@ class BatchedEngine:
         self._duration_totals: dict[str, float] = dict.fromkeys(_PHASES, 0.0)
         self.ready_s = 0.0
         self.ready_phases_s: dict[str, float] = {}
+        # graphs the loop thread captures while idle: ("step", rows, attention positions, with LoRA) and
+        # ("prefill", prompts, positions, False); see load() and _queue_captures()
+        self._deferred_captures: deque[tuple[str, int, int, bool]] = deque()
+        self._load_started = 0.0
+        self.all_captured_s: float | None = None  # start of load() to the last deferred capture
 
     # ------------------------------------------------------------------ Engine protocol
 
@@ -152,10 +160,19 @@ class BatchedEngine:
     def load(self) -> EngineInfo:
         if self._info is not None:
             return self._info
-        started = time.perf_counter()
+        started = self._load_started = time.perf_counter()
         clock = PhaseClock()  # seconds per start-up phase: stats()["ready_<phase>_s"]
         lap = clock.lap
-        info = self._inner.load()
+        helpers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="engine-load")
+        compiler: concurrent.futures.Future[None] | None = None
+        if self.config.compile and not self.config.device.startswith("cpu") and torch.cuda.is_available():
+            _persist_compiled_kernels(self.config.cache_dir)  # before the compile workers start: they inherit it
+            compiler = helpers.submit(_import_compiler)  # beside the official load (ADR 0009)
+        try:
+            info = self._inner.load()
+        except BaseException:
+            helpers.shutdown(wait=False)
+            raise
         tts = self._inner.tts_model
         self._shapes = dict(self._inner.linear_shapes())  # before any layer is wrapped
         device = next(tts.parameters()).device
@@ -163,29 +180,35 @@ class BatchedEngine:
         vae_fused: concurrent.futures.Future[None] | None = None
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            if self.config.compile:
-                _persist_compiled_kernels(self.config.cache_dir)
             # the AudioVAE's kernels build and warm up (Triton, cuDNN: ~9-12 s) on a thread of their own,
             # overlapping the decode step's compilation and capture below; ready waits for both
-            warm_up = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vae-warm-up")
-            vae_fused = warm_up.submit(_fuse_vae, tts, device)
-            warm_up.shutdown(wait=False)  # its thread ends with the task
+            vae_fused = helpers.submit(_fuse_vae, tts, device)
+        helpers.shutdown(wait=False)  # its threads end with their tasks
+        if compiler is not None:
+            compiler.result()
+            lap("compiler_wait")
         try:
             self._model = BatchedModel(tts, info.architecture, self.config.max_rows, self.config.max_seq_len,
                                        self.config.lora_slots, self.config.cuda_graphs, self.config.compile)
             lap("wrap")
             clock.phases.update({f"wrap_{name}": seconds for name, seconds in self._model.init_phases_s.items()})
             if self._model.use_graphs:
+                # One graph before ready: its capture compiles every region the decode step runs (a compiled
+                # model: the few variants each region has, ~3 s each on a first start). The other row
+                # buckets and attention lengths only capture (~0.3 s each): the loop thread does them while
+                # idle after ready, and a request that needs one before that captures it (ADR 0009).
                 lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
-                self._model.warm_up(batch_buckets_up_to(self.config.max_rows), lens, self.config.capture_solver_steps)
+                self._model.warm_up(batch_buckets_up_to(self.config.max_rows)[:1], lens[:1],
+                                    self.config.capture_solver_steps)
+                self._queue_captures(with_lora=False)
                 lap("compile_and_capture" if self._model.compiled else "capture")
-            if self._model.compiled:
-                # compile the prefill's variant of the layer graph now (~3 s), not in the first request
+            if self._model.compiled or self._model.use_graphs:
+                # the first prefill's one-time work (its graph, SDPA, the allocator) now, not in the first request
                 with torch.inference_mode():
                     inputs = self._official_inputs(ChunkRequest(text="Warm up.", adapter=None, cfg_scale=2.0,
                                                                 steps=self.config.capture_solver_steps, seed=0))
                     self._model.prefill([(0, inputs, None)])
-                lap("prefill_compile")
+                lap("prefill_warm_up")
             if vae_fused is not None:
                 vae_fused.result()
                 lap("vae_kernels_wait")
@@ -197,11 +220,14 @@ class BatchedEngine:
         self._info = EngineInfo(model_id=info.model_id, architecture=info.architecture,
                                 sample_rate_hz=info.sample_rate_hz, patch_duration_s=info.patch_duration_s,
                                 device=str(device), needs_ref_text=info.needs_ref_text)
+        nothing_deferred = not self._deferred_captures
         self._thread = threading.Thread(target=self._loop, name=f"batched-engine-{device}", daemon=True)
         self._thread.start()
         self._decoder = threading.Thread(target=self._decode_loop, name=f"batched-decode-{device}", daemon=True)
         self._decoder.start()
         self.ready_s = time.perf_counter() - started
+        if nothing_deferred:
+            self.all_captured_s = round(self.ready_s, 2)
         log.info("batched engine ready on %s in %.1f s: %d rows x %d positions, %d adapter slots, graphs=%s",
                  device, self.ready_s, self.config.max_rows, self.config.max_seq_len, self.config.lora_slots,
                  self._model.use_graphs)
@@ -282,6 +308,8 @@ class BatchedEngine:
             out["adapter_switch_ms"] = out["adapter_switch_ms_p50"]
         out["graph_captures"] = self._model.graph_captures if self._model is not None else 0
         out["ready_s"] = self.ready_s
+        out["all_captured_s"] = self.all_captured_s
+        out["captures_deferred"] = len(self._deferred_captures)
         out.update({f"ready_{phase}_s": seconds for phase, seconds in self.ready_phases_s.items()})
         return out
 
@@ -425,6 +453,8 @@ class BatchedEngine:
                     self._admit()
                     if self._sched.running:
                         self._decode_step()
+                    elif self._deferred_captures:
+                        self._capture_deferred()
                     else:
                         self._publish()
                         self._wake.wait(IDLE_WAIT_S)
@@ -433,6 +463,36 @@ class BatchedEngine:
                     log.exception("batched engine loop error")
                     self._fail_running(errors.EngineFailure("internal engine error; the request was stopped"))
         self._fail_everything(errors.NotReady("the engine is shutting down"))
+
+    def _queue_captures(self, with_lora: bool) -> None:
+        """Queue every decode graph (and the common prefill buckets) for idle time: at start, and again
+        after an adapter changed the wrapped layers (which drops every graph), then with the LoRA graphs."""
+        lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
+        buckets = batch_buckets_up_to(self.config.max_rows)
+        self._deferred_captures.clear()
+        for lora in (False, True) if with_lora else (False,):
+            self._deferred_captures.extend(("step", rows, n, lora) for n in lens for rows in buckets)
+        self._deferred_captures.extend(("prefill", prompts, n, False) for n in DEFERRED_PREFILL_LENGTHS
+                                       for prompts in DEFERRED_PREFILL_PROMPTS if prompts <= self.config.max_rows)
+
+    def _capture_deferred(self) -> None:
+        """One of the graphs load() left for idle time (the loop checks for work between them)."""
+        model = self._model
+        assert model is not None
+        kind, rows, positions, lora = self._deferred_captures[0]  # left in the queue until done: stats() counts it
+        try:
+            if kind == "step":
+                model.capture(rows, positions, self.config.capture_solver_steps, with_lora=lora)
+            else:
+                model.capture_prefill(rows, positions)
+        except Exception:  # e.g. out of memory: a request that needs it captures it (and reports its error)
+            log.warning("deferred %s capture of %d rows x %d positions failed; later ones are left to requests",
+                        kind, rows, positions, exc_info=True)
+            self._deferred_captures.clear()
+        if len(self._deferred_captures) <= 1 and self.all_captured_s is None:  # the start-up ones: set before
+            self.all_captured_s = round(time.perf_counter() - self._load_started, 2)  # the queue reads empty
+        if self._deferred_captures:
+            self._deferred_captures.popleft()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -534,6 +594,8 @@ class BatchedEngine:
         self._model.lora.load(slot, adapter)
         if self._model.lora.version != version:
             self._model.drop_graphs()
+            if self._model.use_graphs:
+                self._queue_captures(with_lora=True)
         if self._model.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         with self._stats_lock:
@@ -815,6 +877,18 @@ def _fuse_vae(tts: Any, device: torch.device) -> None:
             tts.audio_vae.decode(torch.zeros(1, tts.audio_vae.latent_dim, frames, device=param.device,
                                              dtype=torch.float32))
     log.info("AudioVAE decoder: %d residual units and %d block heads fused", units, blocks)
+
+
+def _import_compiler() -> None:
+    """Import dynamo and inductor (7-10 s on H100 hosts) on a helper thread while the official loader reads
+    the checkpoint; the first compile would import them otherwise. Both are mostly Python and share the
+    GIL, so the overlap saves ~2-5 s, not all of it. Starting inductor's compile workers here as well was
+    slower: 16 processes importing torch starved the load's own threads (measured, ADR 0009)."""
+    try:
+        import torch._dynamo  # noqa: F401
+        from torch._inductor import compile_fx  # noqa: F401
+    except Exception:  # the first compile imports them again and reports the error
+        log.warning("could not import the compiler ahead of the first compile", exc_info=True)
 
 
 def _persist_compiled_kernels(cache_dir: Path) -> None:

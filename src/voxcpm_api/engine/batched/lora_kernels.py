@@ -176,9 +176,10 @@ def lora_expand(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor, ke
     out_features = lora_b.shape[0]
     if kernel and triton_serves(both):
         return torch.ops.voxcpm_api.lora_expand(both, mask, lora_b)
-    rep = both.shape[0] // mask.shape[0]
-    if rep != 1:
-        mask = mask.repeat_interleave(rep, dim=0)
+    # row m's mask row by index: no branch on the repeat count (one prompt's tokens share its row), which
+    # would be a guard, and so one more compiled variant of every layer region holding a LoRA layer
+    rows = torch.arange(both.shape[0], device=both.device) // (both.shape[0] // mask.shape[0])
+    mask = mask.index_select(0, rows)
     hidden = both[:, out_features:] * mask
     # one GEMM adds the LoRA term onto the base output (beta = 1); base rows add exactly 0
     return torch.addmm(both[:, :out_features], hidden, lora_b.t())

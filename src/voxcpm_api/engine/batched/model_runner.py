@@ -18,8 +18,9 @@ CUDA graphs need:
     adapter  (S,)               each row's adapter slot (SlotWeights.base_index = none)
     latents  (S, max_patches, P, D)   every patch each row has generated
 
-Prefill runs one request at a time through the official modules' own `forward` (exactly the
-official prefill) and copies its KV into the row's slot. A decode step replicates the official
+A prefill runs the official prompt pass for a batch of prompts (right-padded; on a GPU to a bucket
+whose LM pass replays a CUDA graph), with each LM layer as the decode step's two compiled halves
+around a causal attention, and copies each prompt's KV into its row's slot. A decode step replicates the official
 loop body (`VoxCPMModel._inference` / `VoxCPM2Model._inference`) for many rows at once:
 per-row positions and attention masks over the slot caches, per-row noise, per-row solver steps
 and cfg. Rows never see each other: every op is row-wise except the shared weights.
@@ -27,6 +28,7 @@ and cfg. Rows never see each other: every op is row-wise except the shared weigh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -35,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from voxcpm.modules.minicpm4.model import apply_rotary_pos_emb
 
@@ -88,10 +91,8 @@ def _attention_inputs(layer: Any, x: torch.Tensor, cos: torch.Tensor | None,
 
 def _attention_output(layer: Any, residual: torch.Tensor, out: torch.Tensor, depth: float | None) -> torch.Tensor:
     """The rest of `MiniCPMDecoderLayer.forward_step`: output projection, residuals, MLP.
-    residual: (B, H); out: (B, heads, 1, head_dim) -> (B, H)."""
-    rows = residual.shape[0]
-    attn = layer.self_attn
-    out = attn.o_proj(out.transpose(1, 2).reshape(rows, attn.num_heads * attn.head_dim))
+    residual: (B, H); out: (B, heads * head_dim), the attention's output with its heads side by side -> (B, H)."""
+    out = layer.self_attn.o_proj(out)
     x = residual + (out * depth if depth is not None else out)
     h = layer.mlp(layer.post_attention_layernorm(x))
     return x + (h * depth if depth is not None else h)
@@ -111,6 +112,89 @@ def _guided_euler_step(out: torch.Tensor, x: torch.Tensor, cfg: torch.Tensor, dt
     dphi = neg_v * st_star + cfg * (pos_v - neg_v * st_star)
     dphi = torch.where(zero.view(rows, 1, 1), torch.zeros_like(dphi), dphi)
     return x - dt.view(rows, 1, 1) * dphi
+
+
+class _IdentityRotary(nn.Module):
+    """The rotary tables of a stack that has none (`no_rope`, e.g. VoxCPM2's residual LM): cos = 1, sin = 0.
+    Exact: the official rotary computes q * cos + rotate_half(q) * sin in float32, which is q itself for
+    these values. With it, every stack's layers take one compiled path; a None in its place was another
+    variant of each layer graph to compile at start."""
+
+    def __init__(self, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.dtype = dtype
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # made per call, inside inference mode like the real tables' rows: a tensor kept from outside it
+        # would differ from them in dispatch keys, itself a compiled variant
+        shape = (*position_ids.shape, self.head_dim)
+        ones = torch.ones(shape, device=position_ids.device, dtype=self.dtype)
+        return ones, torch.zeros_like(ones)
+
+
+def _identity_rotary_where_missing(stacks: tuple[Any, ...]) -> None:
+    ropes = [stack.rope_emb for stack in stacks if stack.rope_emb is not None]
+    if not ropes:
+        return
+    for stack in stacks:
+        if stack.rope_emb is None:
+            cfg = stack.config
+            head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+            stack.rope_emb = _IdentityRotary(head_dim, ropes[0].cos_cached.dtype)
+
+
+PREFILL_GRAPH_ROWS = 8  # prompts in one prefill up to which its LM pass replays a CUDA graph
+# padded prompt positions (prompts x length) up to which it does: a graph keeps its outputs (every layer's
+# KV), ~75 MB at 2048 positions for VoxCPM2, and ~0.6 GB if every bucket of prompts x length gets used
+PREFILL_GRAPH_TOKENS = 2048
+_PREFILL_MIN_WIDTH = 32
+
+
+def _prefill_graph_shape(rows: int, longest: int) -> tuple[int, int] | None:
+    """(prompts, length) a prefill is padded to for a graph (powers of two), or None: eager."""
+    batch = 1 << (rows - 1).bit_length()
+    width = max(_PREFILL_MIN_WIDTH, 1 << (longest - 1).bit_length())
+    if batch > PREFILL_GRAPH_ROWS or batch * width > PREFILL_GRAPH_TOKENS:
+        return None
+    return batch, width
+
+
+@dataclass
+class _PrefillGraph:
+    """The LM pass of a prefill for one (prompts, padded length) bucket: static inputs, a graph, its outputs."""
+
+    graph: Any
+    inputs: tuple[torch.Tensor, ...]
+    mask: torch.Tensor | None  # the LoRA rows' mask the layers read (static); None: no adapter
+    outputs: tuple[torch.Tensor, list, torch.Tensor, list]
+
+    @classmethod
+    def capture(cls, fn: Any, inputs: tuple[torch.Tensor, ...], mask: torch.Tensor | None, context: LoRAContext,
+                pool: Any) -> _PrefillGraph:
+        static = tuple(t.clone() for t in inputs)
+        static_mask = None if mask is None else mask.clone()
+        context.mask = static_mask
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(*static)  # warm-up: lazy inits off the graph
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            outputs = fn(*static)
+        context.mask = mask
+        return cls(graph, static, static_mask, outputs)
+
+    def run(self, inputs: tuple[torch.Tensor, ...], context: LoRAContext) -> tuple[torch.Tensor, list, torch.Tensor, list]:
+        """Replay on these inputs. The outputs live in the graph's memory: read them before the next replay
+        of any prefill graph (they share one pool)."""
+        for static, value in zip(self.inputs, inputs):
+            static.copy_(value)
+        if self.mask is not None:
+            self.mask.copy_(context.mask)
+        self.graph.replay()
+        return self.outputs
 
 
 class PhaseClock:
@@ -138,6 +222,9 @@ class BatchedModel:
         self.patch = int(tts.patch_size)
         self.feat_dim = int(tts.feat_dim)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        # prompts padded to the prefill graphs' buckets: on a GPU with or without graphs, so that graphs change
+        # no kernel's shape (eager == graph); the CPU (parity tests) runs each batch at its own size
+        self.pad_prefills = self.device.type == "cuda"
         clock = PhaseClock()
         self.init_phases_s = clock.phases  # seconds per part of this constructor (start-up report)
         self.lora_context = LoRAContext()
@@ -149,8 +236,8 @@ class BatchedModel:
         use_short_attention([self.estimator.decoder, self.feat_encoder.encoder])
         self._attn_in, self._attn_out, self._euler = _attention_inputs, _attention_output, _guided_euler_step
         clock.lap("short_attention")
-        self.compiled = compile and self.device.type == "cuda"
-        if self.compiled:
+        self.compiled = False
+        if compile and self.device.type == "cuda":
             self._compile()
             clock.lap("compile_setup")
         self.mean_mode = bool(tts.feat_decoder.mean_mode)
@@ -159,6 +246,9 @@ class BatchedModel:
         self.scale_emb = float(lm_cfg.scale_emb) if lm_cfg.use_mup else 1.0
         self._graphs: dict[tuple, Any] = {}
         self._graph_pool: Any = None
+        self._prefill_graphs: dict[tuple, _PrefillGraph] = {}  # (prompts, padded length, LoRA, version)
+        self._prefill_pool: Any = None
+        self._prefill_dtypes: tuple[torch.dtype, ...] | None = None
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.graph_captures = 0
         self._allocate(16)
@@ -167,20 +257,27 @@ class BatchedModel:
         """torch.compile (inductor) the step's small element-wise work, which otherwise is thousands of
         tiny kernels per step; our CUDA graphs then capture the fused kernels (ADR 0007).
 
-        Regional: one transformer layer's code is compiled and reused for every layer: every
-        `MiniCPMDecoderLayer` (DiT, local encoder, and both LMs for prefills), our two halves of an LM
-        layer's step around the KV write, and the guided Euler update. Compile time grows with one
-        layer, not with the model's depth (the whole DiT as one graph took ~60 s more start-up, the whole
-        step ~290 s), and inductor's cache on disk (engine._persist_compiled_kernels) makes a restart
-        reuse the kernels."""
+        Regional: one transformer layer's code is compiled and reused for every layer: the DiT's and the
+        local encoder's `MiniCPMDecoderLayer`, our two halves of an LM layer around its attention (decode
+        steps and prefills), and the guided Euler update. Compile time grows with one layer, not with the
+        model's depth (the whole DiT as one graph took ~60 s more start-up, the whole step ~290 s), and
+        inductor's cache on disk (engine._persist_compiled_kernels) makes a restart reuse the kernels.
+        Each compiled variant costs a first start ~3 s (H100 host), so the inputs are kept to one variant
+        per region: batches of >= 2 rows (_compiled_rows), no duck shapes (_tracing), identity rotary
+        tables for stacks without (_IdentityRotary), one inference-tensor kind, one attention layout.
+        An adapter adds two variants of each region whose layers it wraps (rows with an adapter; calls
+        without one through the wrapped layers)."""
+        self.compiled = True
         # one code object serves many shapes (rows buckets x LMs x DiT): allow that many variants
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        stacks = (self.estimator.decoder, self.feat_encoder.encoder, self.tts.base_lm, self.tts.residual_lm)
+        _identity_rotary_where_missing(stacks)
         self._attn_in = torch.compile(_attention_inputs, dynamic=True)
         self._attn_out = torch.compile(_attention_output, dynamic=True)
         self._euler = torch.compile(_guided_euler_step, dynamic=True)
-        # whole-sequence layers: the DiT and the local encoder in every step, both LMs in prefills (where
-        # an eager layer is ~80 launches and a prefill was CPU-bound at ~50 ms for one short prompt)
-        for stack in (self.estimator.decoder, self.feat_encoder.encoder, self.tts.base_lm, self.tts.residual_lm):
+        # whole-sequence layers: the DiT and the local encoder (both LMs run through the two halves above,
+        # in decode steps and prefills alike)
+        for stack in stacks[:2]:
             for layer in stack.layers:
                 layer.compile(dynamic=True)
 
@@ -271,11 +368,16 @@ class BatchedModel:
         """
         lengths = [int(inputs.text.shape[1]) for _, inputs, _ in items]
         rows, longest = len(items), max(lengths)
+        # the LM pass replays a CUDA graph captured for (prompts, padded length) buckets: without one, a
+        # prefill is ~40 ms of host time for ~2 ms of GPU work (H100 host, VoxCPM1.5, one 17-token prompt).
+        # The padding is all-zero prompts and positions after each prompt, which (as above) change nothing.
+        graph_shape = _prefill_graph_shape(rows, longest) if self.pad_prefills else None
+        batch_rows, width = graph_shape or (rows, longest)
         first = items[0][1]
-        text = torch.zeros(rows, longest, dtype=first.text.dtype, device=self.device)
-        text_mask = torch.zeros(rows, longest, dtype=first.text_mask.dtype, device=self.device)
-        feat = torch.zeros(rows, longest, *first.feat.shape[2:], dtype=first.feat.dtype, device=self.device)
-        feat_mask = torch.zeros(rows, longest, dtype=first.feat_mask.dtype, device=self.device)
+        text = torch.zeros(batch_rows, width, dtype=first.text.dtype, device=self.device)
+        text_mask = torch.zeros(batch_rows, width, dtype=first.text_mask.dtype, device=self.device)
+        feat = torch.zeros(batch_rows, width, *first.feat.shape[2:], dtype=first.feat.dtype, device=self.device)
+        feat_mask = torch.zeros(batch_rows, width, dtype=first.feat_mask.dtype, device=self.device)
         for i, (_, inputs, _) in enumerate(items):
             n = lengths[i]
             text[i, :n], text_mask[i, :n] = inputs.text[0], inputs.text_mask[0]
@@ -283,12 +385,17 @@ class BatchedModel:
         adapters = [self.lora.base_index if slot is None else slot for _, _, slot in items]
         with_lora = any(slot is not None for _, _, slot in items)
         masks = feat_mask.cpu()  # one device sync for every row's prompt layout
-        self._lora_rows(torch.tensor(adapters, device=self.device) if with_lora else None)
-        self.lora_context.kernel = False  # see LoRAContext: a prefill is bound by the host
+        padded = adapters + [self.lora.base_index] * (batch_rows - rows)
+        self._lora_rows(torch.tensor(padded, device=self.device) if with_lora else None)
+        # the LoRA term as our kernel in graphs (see LoRAContext: eager, a prefill is host-bound) and wherever
+        # the layers are compiled: the flag is a guard there, and the decode step's variant has it set
+        self.lora_context.kernel = graph_shape is not None or self.compiled
         try:
-            with sdpa_kernel(_PREFILL_ATTENTION):
+            with sdpa_kernel(_PREFILL_ATTENTION), self._tracing():
                 enc_out, kv, res_out, res_kv = self._prefill_forward(text, text_mask, feat, feat_mask,
-                                                                      masks.nonzero().to(self.device))
+                                                                      masks.nonzero().to(self.device),
+                                                                      graphed=graph_shape is not None
+                                                                      and self.use_graphs)
         finally:
             self._lora_rows(None)
             self.lora_context.kernel = True
@@ -300,9 +407,9 @@ class BatchedModel:
         last = torch.tensor([n - 1 for n in lengths], device=dev)
         batch = torch.arange(rows, device=dev)
         for cache, layers in ((self.kv_base, kv), (self.kv_res, res_kv)):
-            for layer, (k, v) in enumerate(layers):  # k, v: (B, kv_heads, T, head_dim)
-                cache[layer, 0, row_ids, :, :longest] = k
-                cache[layer, 1, row_ids, :, :longest] = v
+            for layer, (k, v) in enumerate(layers):  # k, v: (B, kv_heads, T, head_dim), maybe padded
+                cache[layer, 0, row_ids, :, :longest] = k[:rows, :, :longest]
+                cache[layer, 1, row_ids, :, :longest] = v[:rows, :, :longest]
         self.lm_h[row_ids] = enc_out[batch, last]
         self.res_h[row_ids] = res_out[batch, last]
         self.cond[row_ids] = feat[batch, last]  # the official prefix_feat_cond: the prompt's last patch
@@ -315,7 +422,7 @@ class BatchedModel:
         return [self._context(feat[i:i + 1, :n], masks[i, :n], n) for i, n in enumerate(lengths)]
 
     def _prefill_forward(self, text: torch.Tensor, text_mask: torch.Tensor, feat: torch.Tensor, feat_mask: torch.Tensor,
-                         audio_at: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor, list]:
+                         audio_at: torch.Tensor, graphed: bool = False) -> tuple[torch.Tensor, list, torch.Tensor, list]:
         """The official prompt pass: local encoder, text-semantic LM, FSQ, residual LM. (B, T, ...) inputs;
         audio_at: (N, 2) [row, position] of the prompt's audio patches (feat_mask == 1).
 
@@ -333,19 +440,93 @@ class BatchedModel:
                 self.lora_context.mask = row_mask[rows]
             try:
                 patches = feat[rows, positions].unsqueeze(1)  # (N, 1, P, D)
-                feat_embed[rows, positions] = tts.enc_to_lm_proj(tts.feat_encoder(patches))[:, 0]
+                count = patches.shape[0]
+                if self._compiled_rows(count) > count:  # one audio patch: a copy as its companion
+                    patches = torch.cat((patches, patches))
+                    if self.lora_context.mask is not None:
+                        self.lora_context.mask = torch.cat((self.lora_context.mask, self.lora_context.mask))
+                feat_embed[rows, positions] = tts.enc_to_lm_proj(tts.feat_encoder(patches))[:count, 0]
             finally:
                 self.lora_context.mask = row_mask
         text_embed = tts.base_lm.embed_tokens(text) * self.scale_emb
         combined = text_mask.unsqueeze(-1) * text_embed + feat_mask.unsqueeze(-1) * feat_embed
-        enc_out, kv = tts.base_lm(inputs_embeds=combined, is_causal=True)
+        inputs = (combined, feat_embed, text_mask, feat_mask)
+        if graphed:
+            return self._prefill_graph(inputs).run(inputs, self.lora_context)
+        return self._prefill_lms(*inputs)
+
+    def _prefill_lms(self, combined: torch.Tensor, feat_embed: torch.Tensor, text_mask: torch.Tensor,
+                     feat_mask: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor, list]:
+        """Both LMs over the prompts' embeddings (B, T, H): the part of a prefill a CUDA graph replays."""
+        tts = self.tts
+        enc_out, kv = self._lm_prefill(tts.base_lm, combined)
         enc_out = tts.fsq_layer(enc_out) * feat_mask.unsqueeze(-1) + enc_out * text_mask.unsqueeze(-1)
         if self.v2:
             res_in = tts.fusion_concat_proj(torch.cat((enc_out, feat_mask.unsqueeze(-1) * feat_embed), dim=-1))
         else:
             res_in = enc_out + feat_mask.unsqueeze(-1) * feat_embed
-        res_out, res_kv = tts.residual_lm(inputs_embeds=res_in, is_causal=True)
+        res_out, res_kv = self._lm_prefill(tts.residual_lm, res_in)
         return enc_out, kv, res_out, res_kv
+
+    @torch.inference_mode()
+    def capture_prefill(self, rows: int, length: int) -> bool:
+        """Capture the LM pass of a prefill of `rows` prompts of up to `length` positions (no adapter)
+        unless it is captured; True when it captured. Needs one real prefill first (the inputs' dtypes)."""
+        shape = _prefill_graph_shape(rows, length)
+        if not self.use_graphs or shape is None or self._prefill_dtypes is None:
+            return False
+        if (*shape, False, self.lora.version) in self._prefill_graphs:
+            return False
+        hidden = self.tts.config.lm_config.hidden_size
+        sizes = ((*shape, hidden), (*shape, hidden), shape, shape)  # combined, feat_embed, text_mask, feat_mask
+        inputs = tuple(torch.zeros(size, device=self.device, dtype=dtype) for size, dtype in zip(sizes, self._prefill_dtypes))
+        with sdpa_kernel(_PREFILL_ATTENTION), self._tracing():
+            self._prefill_graph(inputs)
+        return True
+
+    def _prefill_graph(self, inputs: tuple[torch.Tensor, ...]) -> _PrefillGraph:
+        mask = self.lora_context.mask
+        key = (*inputs[0].shape[:2], mask is not None, self.lora.version)
+        self._prefill_dtypes = tuple(t.dtype for t in inputs)
+        found = self._prefill_graphs.get(key)
+        if found is None:
+            if self._prefill_pool is None:
+                self._prefill_pool = torch.cuda.graph_pool_handle()
+            found = _PrefillGraph.capture(self._prefill_lms, inputs, mask, self.lora_context, self._prefill_pool)
+            self._prefill_graphs[key] = found
+            self.graph_captures += 1
+        return found
+
+    def _lm_prefill(self, lm: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """`MiniCPMModel.forward(x, is_causal=True)`: x (B, T, H) -> (B, T, H) and each layer's (k, v), each
+        (B, kv_heads, T, head_dim). Every token is a row of the decode step's two layer halves (the rotary
+        of its own position), with the causal attention over each prompt between them: the same arithmetic
+        as the official layer, and no compiled variant of its own (a whole-layer causal variant was ~3-4 s
+        of a first start). A LoRA mask of one row per prompt is repeated for each of its T tokens."""
+        batch, length, hidden = x.shape
+        cfg = lm.config
+        flat = x.reshape(batch * length, hidden)  # (N, H), token n = prompt n // T, position n % T
+        cos = sin = None
+        if lm.rope_emb is not None:
+            positions = torch.arange(length, device=x.device).repeat(batch)  # (N,)
+            cos, sin = lm.rope_emb(positions)  # (N, head_dim)
+            cos, sin = cos.view(batch * length, 1, 1, -1), sin.view(batch * length, 1, 1, -1)
+        depth = cfg.scale_depth / math.sqrt(cfg.num_hidden_layers) if cfg.use_mup else None
+        caches = []
+        prompt_mask = self.lora_context.mask
+        if prompt_mask is not None:  # one mask row per token, as in a decode step (one prompt would be a size of 1)
+            self.lora_context.mask = prompt_mask.repeat_interleave(length, dim=0)
+        for layer in lm.layers:
+            attn = layer.self_attn
+            q, k, v = self._attn_in(layer, flat, cos, sin)  # (N, heads or kv_heads, 1, head_dim)
+            q = q.view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
+            k = k.reshape(batch, length, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+            v = v.reshape(batch, length, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, heads, T, head_dim)
+            flat = self._attn_out(layer, flat, out.transpose(1, 2).reshape(batch * length, -1), depth)
+            caches.append((k, v))
+        self.lora_context.mask = prompt_mask
+        return lm.norm(flat).view(batch, length, hidden), caches
 
     def _set_schedules(self, row_ids: torch.Tensor, steps: list[int]) -> None:
         """Each row's Euler table; rows with fewer steps than the table get dt = 0 (x unchanged), t = 0."""
@@ -402,7 +583,9 @@ class BatchedModel:
             v_cache[row_ids, :, pos] = v[:, :, 0]
             out = F.scaled_dot_product_attention(q, k_cache[:, :, :att_len], v_cache[:, :, :att_len],
                                                  attn_mask=mask, enable_gqa=True)  # (B, heads, 1, head_dim)
-            x = self._attn_out(layer, x, out, depth)
+            # heads side by side before the compiled half: the strides of SDPA's output differ between
+            # backends (a size-1 dimension's stride is arbitrary), and each layout was a compiled variant
+            x = self._attn_out(layer, x, out.transpose(1, 2).reshape(rows, -1), depth)
         return lm.norm(x)
 
     def _step_body(self, rows: int, att_len: int, solver_steps: int, with_lora: bool) -> None:
@@ -416,7 +599,9 @@ class BatchedModel:
         else:
             mu = tts.lm_to_dit_proj(lm_h) + tts.res_to_dit_proj(res_h)
         # --- UnifiedCFM.solve_euler with per-row times, cfg and step counts
-        x = self.noise[:rows]  # (B, D, P)
+        # a copy: an inference tensor like every later x (a view of the buffer is not one, and each kind
+        # of tensor was its own compiled variant of the Euler update)
+        x = self.noise[:rows].clone()  # (B, D, P)
         cond = self.cond[:rows].transpose(1, 2).contiguous()
         cond_in = torch.cat((cond, cond))
         mu_in = torch.cat((mu, torch.zeros_like(mu)))
@@ -453,19 +638,50 @@ class BatchedModel:
         self.patch_idx[:rows] = torch.clamp(self.patch_idx[:rows] + 1, max=self.slot_len - 1)
         self.lora_context.mask = None
 
+    def _tracing(self) -> contextlib.AbstractContextManager[Any]:
+        """Around every call that may trace a compiled region: each dynamic dimension gets a symbol of its
+        own. With dynamo's default "duck" shapes, sizes that happen to be equal share a symbol, e.g. the
+        CFG-doubled batch (2 x 2 rows) and the patch (4), and that coincidence became a guard and one more
+        compiled variant (or a recompile in the middle of serving) when the sizes part."""
+        if not self.compiled:
+            return contextlib.nullcontext()
+        from torch.fx.experimental import _config as shapes_config
+
+        return shapes_config.patch(use_duck_shape=False)
+
+    def _compiled_rows(self, rows: int) -> int:
+        """Batch rows a compiled region is called with: at least 2 where the buffers allow. dynamic=True
+        still compiles a separate variant for a dimension of size 1 (one decode row, one prompt), and
+        each variant costs ~1.5 s of a first start (H100 host); an extra row costs the step ~nothing at
+        one row, where kernel launches, not the work in them, set its time."""
+        return min(max(rows, 2), self.max_rows) if self.compiled else rows
+
     @torch.inference_mode()
     def step(self, rows: int, att_positions: int, solver_steps: int, with_lora: bool) -> None:
-        """Run one decode step for rows [0, rows) (caller filled `noise`); results in out_feat/out_stop."""
-        att_len = attention_bucket(att_positions, self.slot_len)
+        """Run one decode step for rows [0, rows) (caller filled `noise`); results in out_feat/out_stop.
+        Compiled, rows [rows, 2) may run too: idle slots, whose results nobody reads."""
         if not self.use_graphs:
-            self._step_body(rows, att_len, solver_steps, with_lora)
+            with self._tracing():
+                self._step_body(self._compiled_rows(rows), attention_bucket(att_positions, self.slot_len),
+                                solver_steps, with_lora)
             return
-        key = (rows, att_len, solver_steps, with_lora, self.lora.version)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._capture(rows, att_len, solver_steps, with_lora)
-            self._graphs[key] = graph
-        graph.replay()
+        self.capture(rows, att_positions, solver_steps, with_lora)
+        self._graphs[self._graph_key(rows, att_positions, solver_steps, with_lora)].replay()
+
+    def _graph_key(self, rows: int, att_positions: int, solver_steps: int, with_lora: bool) -> tuple:
+        return (self._compiled_rows(rows), attention_bucket(att_positions, self.slot_len), solver_steps, with_lora,
+                self.lora.version)
+
+    @torch.inference_mode()
+    def capture(self, rows: int, att_positions: int, solver_steps: int, with_lora: bool) -> bool:
+        """Capture the decode step of this shape unless it is captured already; True when it captured."""
+        key = self._graph_key(rows, att_positions, solver_steps, with_lora)
+        if not self.use_graphs or key in self._graphs:
+            return False
+        self._resize_schedule(solver_steps)
+        with self._tracing():
+            self._graphs[key] = self._capture(*key[:4])
+        return True
 
     def _capture(self, rows: int, att_len: int, solver_steps: int, with_lora: bool) -> Any:
         """Capture one decode step. The warm-up and capture runs change the row buffers, so they are
@@ -491,13 +707,12 @@ class BatchedModel:
     _mutable = ("lm_h", "res_h", "cond", "pos", "patch_idx", "latents", "out_feat", "out_stop")
 
     def warm_up(self, batch_sizes: list[int], att_lens: list[int], solver_steps: int) -> None:
-        """Capture the common graphs now (start-up), so first requests do not pay for capture."""
+        """Capture these graphs now (start-up), so first requests do not pay for capture."""
         if not self.use_graphs:
             return
-        self._resize_schedule(solver_steps)
         for rows in batch_sizes:
             for att_len in att_lens:
-                self.step(rows, att_len, solver_steps, with_lora=False)
+                self.capture(rows, att_len, solver_steps, with_lora=False)
         torch.cuda.synchronize()
 
     def drop_graphs(self) -> None:
@@ -505,3 +720,5 @@ class BatchedModel:
         pool whose graphs were all freed trips an allocator assertion, so the next capture starts a new one."""
         self._graphs.clear()
         self._graph_pool = None
+        self._prefill_graphs.clear()
+        self._prefill_pool = None

@@ -16,8 +16,8 @@ come from one GEMM, and `lora_kernels.lora_expand` adds the masked B term in one
 GPU; a torch form elsewhere). For a row of slot s this is x W^T + b + (x A_s^T * scaling_s) B_s^T:
 the official LoRALinear's arithmetic up to float rounding (the scaling is applied before B instead of
 after; zero padding adds exact zeros). For a base row the mask is 0 and the added term is exactly 0:
-y is the fused GEMM's base columns, the plain layer up to that GEMM's accumulation order (bit for bit
-in our CPU tests; a GPU library may pick another kernel for the wider matrix).
+y is the fused GEMM's base columns, bit for bit: the plain layer up to that GEMM's accumulation order
+(a BLAS may block the wider matrix its own way, on some CPUs and on GPUs).
 Ranks up to r_cap, alphas and target sets may all differ between slots: an
 adapter that does not target a layer leaves its block of that layer zero.
 
