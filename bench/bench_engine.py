@@ -1168,8 +1168,8 @@ def render_markdown(data: dict) -> str:
         if phases:
             lines.append(f"- load() by phase: {phases}")
         if ours.get("all_captured_s") is not None:
-            lines.append(f"- every decode graph and the common prefill graphs captured (all but the first while idle after ready): "
-                         f"{_fmt(ours['all_captured_s'], ' s')} after load() began")
+            lines.append(f"- every decode graph and the common prefill graphs captured (all but the first while idle "
+                         f"after ready): {_fmt(ours['all_captured_s'], ' s')} after load() began")
         restart = ours.get("restart") or {}
         if restart.get("construct_to_ready_s") is not None:
             lines.append(

@@ -57,7 +57,8 @@ def test_start_up_queue_holds_every_step_graph_then_the_common_prefills() -> Non
     assert engine.stats()["all_captured_s"] is None
     drain(engine)
     steps = [c for c in model.calls if c[0] == "step"]
-    assert steps == [("step", rows, n, engine.config.capture_solver_steps, False) for n in (256, 512) for rows in buckets]
+    solver_steps = engine.config.capture_solver_steps
+    assert steps == [("step", rows, n, solver_steps, False) for n in (256, 512) for rows in buckets]
     prefills = [c for c in model.calls if c[0] == "prefill"]
     assert prefills == [("prefill", p, n) for n in engine_module.DEFERRED_PREFILL_LENGTHS
                         for p in engine_module.DEFERRED_PREFILL_PROMPTS]

@@ -186,7 +186,8 @@ class _PrefillGraph:
         context.mask = mask
         return cls(graph, static, static_mask, outputs)
 
-    def run(self, inputs: tuple[torch.Tensor, ...], context: LoRAContext) -> tuple[torch.Tensor, list, torch.Tensor, list]:
+    def run(self, inputs: tuple[torch.Tensor, ...],
+            context: LoRAContext) -> tuple[torch.Tensor, list, torch.Tensor, list]:
         """Replay on these inputs. The outputs live in the graph's memory: read them before the next replay
         of any prefill graph (they share one pool)."""
         for static, value in zip(self.inputs, inputs):
@@ -422,7 +423,8 @@ class BatchedModel:
         return [self._context(feat[i:i + 1, :n], masks[i, :n], n) for i, n in enumerate(lengths)]
 
     def _prefill_forward(self, text: torch.Tensor, text_mask: torch.Tensor, feat: torch.Tensor, feat_mask: torch.Tensor,
-                         audio_at: torch.Tensor, graphed: bool = False) -> tuple[torch.Tensor, list, torch.Tensor, list]:
+                         audio_at: torch.Tensor,
+                         graphed: bool = False) -> tuple[torch.Tensor, list, torch.Tensor, list]:
         """The official prompt pass: local encoder, text-semantic LM, FSQ, residual LM. (B, T, ...) inputs;
         audio_at: (N, 2) [row, position] of the prompt's audio patches (feat_mask == 1).
 
@@ -479,7 +481,8 @@ class BatchedModel:
             return False
         hidden = self.tts.config.lm_config.hidden_size
         sizes = ((*shape, hidden), (*shape, hidden), shape, shape)  # combined, feat_embed, text_mask, feat_mask
-        inputs = tuple(torch.zeros(size, device=self.device, dtype=dtype) for size, dtype in zip(sizes, self._prefill_dtypes))
+        inputs = tuple(torch.zeros(size, device=self.device, dtype=dtype)
+                       for size, dtype in zip(sizes, self._prefill_dtypes))
         with sdpa_kernel(_PREFILL_ATTENTION), self._tracing():
             self._prefill_graph(inputs)
         return True
