@@ -197,9 +197,8 @@ class BatchedEngine:
                 # model: the few variants each region has, ~3 s each on a first start). The other row
                 # buckets and attention lengths only capture (~0.3 s each): the loop thread does them while
                 # idle after ready, and a request that needs one before that captures it (ADR 0009).
-                lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
-                self._model.warm_up(batch_buckets_up_to(self.config.max_rows)[:1], lens[:1],
-                                    self.config.capture_solver_steps)
+                buckets, lens = self._capture_shapes()
+                self._model.warm_up(buckets[:1], lens[:1], self.config.capture_solver_steps)
                 self._queue_captures(with_lora=False)
                 lap("compile_and_capture" if self._model.compiled else "capture")
             if self._model.compiled or self._model.use_graphs:
@@ -464,11 +463,15 @@ class BatchedEngine:
                     self._fail_running(errors.EngineFailure("internal engine error; the request was stopped"))
         self._fail_everything(errors.NotReady("the engine is shutting down"))
 
+    def _capture_shapes(self) -> tuple[list[int], list[int]]:
+        """The decode graphs' row buckets and attention lengths (BatchedConfig.capture_attention_lens)."""
+        lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
+        return batch_buckets_up_to(self.config.max_rows), lens
+
     def _queue_captures(self, with_lora: bool) -> None:
         """Queue every decode graph (and the common prefill buckets) for idle time: at start, and again
         after an adapter changed the wrapped layers (which drops every graph), then with the LoRA graphs."""
-        lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
-        buckets = batch_buckets_up_to(self.config.max_rows)
+        buckets, lens = self._capture_shapes()
         self._deferred_captures.clear()
         for lora in (False, True) if with_lora else (False,):
             self._deferred_captures.extend(("step", rows, n, lora) for n in lens for rows in buckets)

@@ -114,6 +114,38 @@ def _guided_euler_step(out: torch.Tensor, x: torch.Tensor, cfg: torch.Tensor, dt
     return x - dt.view(rows, 1, 1) * dphi
 
 
+def _head_dim(cfg: Any) -> int:
+    return cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _rotary_rows(lm: Any, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The rotary tables for rows at these positions, (N, 1, 1, head_dim) each; None for a stack without."""
+    if lm.rope_emb is None:
+        return None, None
+    cos, sin = lm.rope_emb(positions)  # (N, head_dim)
+    rows = positions.shape[0]
+    return cos.view(rows, 1, 1, -1), sin.view(rows, 1, 1, -1)
+
+
+def _residual_scale(cfg: Any) -> float | None:
+    """MiniCPM's muP scale of each residual branch (None: unscaled)."""
+    return cfg.scale_depth / math.sqrt(cfg.num_hidden_layers) if cfg.use_mup else None
+
+
+def _capture_graph(fn: Any, pool: Any) -> tuple[Any, Any]:
+    """Run fn once on a side stream (its lazy inits stay off the graph), then capture it into a CUDA graph
+    in `pool`. Thread-local capture mode keeps other threads' launches out. Returns (graph, fn's result)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        result = fn()
+    return graph, result
+
+
 class _IdentityRotary(nn.Module):
     """The rotary tables of a stack that has none (`no_rope`, e.g. VoxCPM2's residual LM): cos = 1, sin = 0.
     Exact: the official rotary computes q * cos + rotate_half(q) * sin in float32, which is q itself for
@@ -139,9 +171,7 @@ def _identity_rotary_where_missing(stacks: tuple[Any, ...]) -> None:
         return
     for stack in stacks:
         if stack.rope_emb is None:
-            cfg = stack.config
-            head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
-            stack.rope_emb = _IdentityRotary(head_dim, ropes[0].cos_cached.dtype)
+            stack.rope_emb = _IdentityRotary(_head_dim(stack.config), ropes[0].cos_cached.dtype)
 
 
 PREFILL_GRAPH_ROWS = 8  # prompts in one prefill up to which its LM pass replays a CUDA graph
@@ -175,15 +205,10 @@ class _PrefillGraph:
         static = tuple(t.clone() for t in inputs)
         static_mask = None if mask is None else mask.clone()
         context.mask = static_mask
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(*static)  # warm-up: lazy inits off the graph
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            outputs = fn(*static)
-        context.mask = mask
+        try:
+            graph, outputs = _capture_graph(lambda: fn(*static), pool)
+        finally:
+            context.mask = mask
         return cls(graph, static, static_mask, outputs)
 
     def run(self, inputs: tuple[torch.Tensor, ...],
@@ -286,9 +311,8 @@ class BatchedModel:
 
     def _kv(self, lm: Any) -> torch.Tensor:
         cfg = lm.config
-        head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
         return torch.zeros(cfg.num_hidden_layers, 2, self.max_rows, cfg.num_key_value_heads, self.slot_len,
-                           head_dim, device=self.device, dtype=self.dtype)
+                           _head_dim(cfg), device=self.device, dtype=self.dtype)
 
     def _allocate(self, solver_steps: int) -> None:
         S, P, D, dev, dt = self.max_rows, self.patch, self.feat_dim, self.device, self.dtype
@@ -490,9 +514,9 @@ class BatchedModel:
     def _prefill_graph(self, inputs: tuple[torch.Tensor, ...]) -> _PrefillGraph:
         mask = self.lora_context.mask
         key = (*inputs[0].shape[:2], mask is not None, self.lora.version)
-        self._prefill_dtypes = tuple(t.dtype for t in inputs)
         found = self._prefill_graphs.get(key)
         if found is None:
+            self._prefill_dtypes = tuple(t.dtype for t in inputs)  # for capture_prefill's zero inputs
             if self._prefill_pool is None:
                 self._prefill_pool = torch.cuda.graph_pool_handle()
             found = _PrefillGraph.capture(self._prefill_lms, inputs, mask, self.lora_context, self._prefill_pool)
@@ -507,14 +531,9 @@ class BatchedModel:
         as the official layer, and no compiled variant of its own (a whole-layer causal variant was ~3-4 s
         of a first start). A LoRA mask of one row per prompt is repeated for each of its T tokens."""
         batch, length, hidden = x.shape
-        cfg = lm.config
         flat = x.reshape(batch * length, hidden)  # (N, H), token n = prompt n // T, position n % T
-        cos = sin = None
-        if lm.rope_emb is not None:
-            positions = torch.arange(length, device=x.device).repeat(batch)  # (N,)
-            cos, sin = lm.rope_emb(positions)  # (N, head_dim)
-            cos, sin = cos.view(batch * length, 1, 1, -1), sin.view(batch * length, 1, 1, -1)
-        depth = cfg.scale_depth / math.sqrt(cfg.num_hidden_layers) if cfg.use_mup else None
+        cos, sin = _rotary_rows(lm, torch.arange(length, device=x.device).repeat(batch))
+        depth = _residual_scale(lm.config)
         caches = []
         prompt_mask = self.lora_context.mask
         if prompt_mask is not None:  # one mask row per token, as in a decode step (one prompt would be a size of 1)
@@ -569,14 +588,10 @@ class BatchedModel:
     def _lm_step(self, lm: Any, kv: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, att_len: int) -> torch.Tensor:
         """`MiniCPMModel.forward_step` for B rows at their own positions. x: (B, H) -> (B, H)."""
         rows = x.shape[0]
-        cfg = lm.config
-        cos = sin = None
-        if lm.rope_emb is not None:
-            cos, sin = lm.rope_emb(pos)  # (B, head_dim)
-            cos, sin = cos.view(rows, 1, 1, -1), sin.view(rows, 1, 1, -1)
+        cos, sin = _rotary_rows(lm, pos)
         row_ids = torch.arange(rows, device=x.device)
         mask = (torch.arange(att_len, device=x.device).view(1, -1) <= pos.view(-1, 1)).view(rows, 1, 1, att_len)
-        depth = cfg.scale_depth / math.sqrt(cfg.num_hidden_layers) if cfg.use_mup else None
+        depth = _residual_scale(lm.config)
         for index, layer in enumerate(lm.layers):
             q, k, v = self._attn_in(layer, x, cos, sin)
             # the KV write and the attention stay outside the compiled regions: they index the shared slot cache
@@ -668,8 +683,12 @@ class BatchedModel:
                 self._step_body(self._compiled_rows(rows), attention_bucket(att_positions, self.slot_len),
                                 solver_steps, with_lora)
             return
-        self.capture(rows, att_positions, solver_steps, with_lora)
-        self._graphs[self._graph_key(rows, att_positions, solver_steps, with_lora)].replay()
+        key = self._graph_key(rows, att_positions, solver_steps, with_lora)
+        graph = self._graphs.get(key)
+        if graph is None:
+            self.capture(rows, att_positions, solver_steps, with_lora)
+            graph = self._graphs[key]
+        graph.replay()
 
     def _graph_key(self, rows: int, att_positions: int, solver_steps: int, with_lora: bool) -> tuple:
         return (self._compiled_rows(rows), attention_bucket(att_positions, self.slot_len), solver_steps, with_lora,
@@ -690,16 +709,9 @@ class BatchedModel:
         """Capture one decode step. The warm-up and capture runs change the row buffers, so they are
         saved and restored around it: capturing never disturbs rows in flight."""
         saved = {name: getattr(self, name)[:rows].clone() for name in self._mutable}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._step_body(rows, att_len, solver_steps, with_lora)  # warm-up: lazy inits off the graph
-        torch.cuda.current_stream().wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            self._step_body(rows, att_len, solver_steps, with_lora)
+        graph, _ = _capture_graph(lambda: self._step_body(rows, att_len, solver_steps, with_lora), self._graph_pool)
         # The warm-up also wrote one KV position per row, at `pos` (restored above): beyond each row's valid
         # length, and the next real step rewrites it, so the KV cache needs no undoing.
         for name, value in saved.items():
