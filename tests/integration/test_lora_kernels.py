@@ -15,7 +15,7 @@ from pathlib import Path
 CHECK = r"""
 import json, torch
 from voxcpm_api.engine.batched.lora_kernels import lora_expand, lora_expand3, register_op
-from voxcpm_api.engine.batched.multi_lora import LoRAContext, MultiLoRALinear, project_together
+from voxcpm_api.engine.batched.multi_lora import FusedQKV, LoRAContext, MultiLoRALinear
 
 register_op()  # what wrapping a layer does
 torch.manual_seed(0)
@@ -62,8 +62,9 @@ want = torch.stack(want)
 
 # three layers in one launch (q, k, v): widths spanning 1 and 2 N tiles, a base row, one mask row per sequence
 grouped = []
-for widths in [(70, 7, 7), (128, 16, 16)]:
-    rows, mask_rows, k = 36, 4, 40
+# (36 rows: the LM's tiles; 144 and 132: the DiTs' wider tiles, one of them VoxCPM2's >= 2048 wide q)
+for widths, rows in [((70, 7, 7), 36), ((128, 16, 16), 144), ((2048, 8, 8), 132)]:
+    mask_rows, k = 4, 40
     boths = [torch.randn(rows, n + k) for n in widths]
     bs = [torch.randn(n, k) for n in widths]
     table = torch.randn(mask_rows, k)
@@ -76,15 +77,21 @@ for widths in [(70, 7, 7), (128, 16, 16)]:
                         "rel": float((out.double() - want3).abs().max() / want3.abs().max()),
                         "base_exact": bool(torch.equal(out[2 * rep:3 * rep], both[2 * rep:3 * rep, :n]))})
 
-# project_together: the grouped launch gives each layer's own result
-layers = [MultiLoRALinear(torch.nn.Linear(12, n, bias=False), context) for n in (16, 8, 8)]
+# FusedQKV: one GEMM over [W_q; A_q; W_k; A_k; W_v; A_v], whose column slices the kernel reads in place (row
+# stride = the whole GEMM's width), gives each layer's own result
+attn = torch.nn.Module()
+for name, n in (("q_proj", 16), ("k_proj", 8), ("v_proj", 8)):
+    setattr(attn, name, MultiLoRALinear(torch.nn.Linear(12, n, bias=False), context))
+layers = [attn.q_proj, attn.k_proj, attn.v_proj]
 for layer in layers:
     layer.allocate(slots=2, rank_cap=4)
+group = FusedQKV(attn, context)
+for layer in layers:
     with torch.no_grad():
         layer.lora_a.normal_()
         layer.lora_b.normal_()
 with torch.no_grad():
-    together = project_together(tuple(layers), x)
+    together = group(x)
     alone = [layer(x) for layer in layers]
 together_max = max(float((a - b).abs().max()) for a, b in zip(together, alone))
 
@@ -94,7 +101,7 @@ launches = []
 lk._launch, lk._launch3 = (lambda *a, **k: launches.append(1)), (lambda *a, **k: launches.append(3))
 context.kernel = False
 with torch.no_grad():
-    torch_form = project_together(tuple(layers), x) + [wrapper(x)]
+    torch_form = group(x) + [wrapper(x)]
 torch_form_max = max(float((a - b).abs().max()) for a, b in zip(torch_form, alone + [got]))
 print(json.dumps({"cases": cases, "layer_rel": float((got.double() - want).abs().max() / want.abs().max()),
                   "layer_shape_ok": list(got.shape) == [3, 5, 10], "grouped": grouped,

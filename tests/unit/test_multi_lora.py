@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxcpm_api.engine.batched.multi_lora import LoRAContext, MultiLoRALinear, SlotWeights
+from voxcpm_api.engine.batched.multi_lora import LoRAContext, MultiLoRALinear, SlotWeights, fuse_qkv, project_qkv
 
 TOL = 1e-5
 IN, HID, OUT = 12, 10, 7
@@ -329,3 +329,78 @@ def test_reloading_a_slot_replaces_its_adapter(setup) -> None:
         got = model.lin1(x)
     want = reference_layer(x, model.lin1.weight, model.lin1.bias, replacement.modules["lin1"])
     assert (got - want).abs().max().item() < TOL
+
+
+# FusedQKV: an attention's q, k and v projections as one GEMM over one weight buffer
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(IN, 8)
+        self.k_proj = nn.Linear(IN, 4, bias=False)
+        self.v_proj = nn.Linear(IN, 4)
+
+
+class Stack(nn.Module):
+    """The shape fuse_qkv reads: a stack's `layers`, each with its `self_attn`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Module()])
+        self.layers[0].self_attn = Attention()
+
+
+def test_fused_qkv_shares_the_weights_and_follows_the_lora_layout() -> None:
+    torch.manual_seed(3)
+    stack = Stack().eval()
+    attn = stack.layers[0].self_attn
+    plain = {name: (layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone())
+             for name, layer in attn.named_children()}
+    params = [p for p in attn.parameters()]
+    context = LoRAContext()
+    (group,) = fuse_qkv([stack], context)
+    x = torch.randn(3, 5, IN)
+
+    def check(rows: list[int | None], adapters: dict[int, FakeAdapter]) -> None:
+        with torch.no_grad():
+            q, k, v = project_qkv(attn, x)
+        for name, got in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
+            weight, bias = plain[name]
+            assert got.shape == (3, 5, weight.shape[0])
+            for row, slot in enumerate(rows):
+                pair = adapters[slot].modules.get(f"layers.0.self_attn.{name}") if slot is not None else None
+                want = reference_layer(x[row], weight, bias, pair)
+                assert (got[row] - want).abs().max().item() < TOL, (name, row, slot)
+
+    # no adapter yet: [W_q; W_k; W_v], the layers' Parameters (the same objects) are views of it
+    assert list(attn.parameters()) == params
+    assert group.weight.shape == (16, IN) and group.bias.shape == (16,)
+    for layer in group.layers():
+        assert layer.weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+    assert torch.equal(group.bias[8:12], torch.zeros(4))  # k has no bias: zeros add exactly nothing
+    check([None, None, None], {})
+
+    # an adapter on q and v only: A blocks after those two, k stays plain; a mask row per sequence
+    weights = SlotWeights(stack, slots=2, context=context, rank_cap=4, qkv_groups=[group])
+    qv = fake_adapter(stack, rank=4, alpha=2.0, targets=["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj"],
+                      seed=5)
+    weights.load(0, qv)
+    assert group.spans == ((0, 8, 8), (16, 4, 0), (20, 4, 8))
+    assert isinstance(attn.q_proj, MultiLoRALinear) and not isinstance(attn.k_proj, MultiLoRALinear)
+    for layer in group.layers():  # still one buffer, no second copy of any weight
+        assert layer.weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+    assert attn.q_proj.lora_a.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+    assert torch.equal(attn.q_proj.lora_a[:4], qv.modules["layers.0.self_attn.q_proj"][0])
+    use_rows(weights, context, [0, None, 0])
+    check([0, None, 0], {0: qv})
+
+    # all three wrapped, then a larger rank re-lays the buffer and keeps slot 0
+    qkv = fake_adapter(stack, rank=8, alpha=4.0, targets=[f"layers.0.self_attn.{n}" for n in ("q_proj", "k_proj",
+                                                                                              "v_proj")], seed=6)
+    weights.load(1, qkv)
+    assert weights.rank_cap == 8 and group.spans == ((0, 8, 16), (24, 4, 16), (44, 4, 16))
+    use_rows(weights, context, [1, 0, None])
+    check([1, 0, None], {0: qv, 1: qkv})
+    context.mask = None  # a step with no adapter: the base columns of the same GEMM
+    check([None, None, None], {})

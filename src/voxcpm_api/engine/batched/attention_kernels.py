@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from voxcpm.modules.minicpm4.model import MiniCPMAttention
 
-from .multi_lora import project_together
+from .multi_lora import project_qkv
 from .triton_support import triton_serves
 
 _MAX_POSITIONS = 16  # the tile sizes measured and tested (VoxCPM: 5 to 11); longer sequences take the official path
@@ -147,7 +147,7 @@ class ShortSequenceAttention(MiniCPMAttention):
         if (is_causal or not fits(hidden_states, self.head_dim, self.num_heads, self.num_key_value_heads)
                 or (position_emb is not None and position_emb[0].dim() != 2)):
             return super().forward(hidden_states, position_emb, is_causal)
-        q, k, v = project_together((self.q_proj, self.k_proj, self.v_proj), hidden_states)
+        q, k, v = project_qkv(self, hidden_states)
         out = short_attention(q, k, v, self.head_dim, position_emb)
         # no KV cache: this path serves only the DiT and the local encoder, whose callers drop it
         return self.o_proj(out), None

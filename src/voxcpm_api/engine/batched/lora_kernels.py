@@ -111,7 +111,7 @@ def _launch3(boths: list[torch.Tensor], mask: torch.Tensor, lora_bs: list[torch.
     """`_launch` for three layers over the same rows and slot layout (one tile size, the widest layer's)."""
     rows = outs[0].shape[0]
     widths = [out.shape[1] for out in outs]
-    block_m, block_n, block_k, warps = _tiles(rows, max(widths))
+    block_m, block_n, block_k, warps = _tiles(rows, max(widths), grouped=True)
     tiles = [triton.cdiv(width, block_n) for width in widths]
     args = []
     for both, lora_b, out, width in zip(boths, lora_bs, outs, widths):
@@ -122,15 +122,25 @@ def _launch3(boths: list[torch.Tensor], mask: torch.Tensor, lora_bs: list[torch.
         IEEE=boths[0].dtype == torch.float32, num_warps=warps)
 
 
-def _tiles(rows: int, out_features: int) -> tuple[int, int, int, int]:
+def _tiles(rows: int, out_features: int, grouped: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps), measured on an H100 (CUDA-graph replay, 2026-11-25): 3.2-3.4 us
-    up to 64 rows (about one launch's floor), 7.5 us at 1152 rows x 1024 outputs (the DiT at 64 rows),
-    9.6 us at 1408 x 2048 (VoxCPM2's DiT) with the wider N tile, against 8-23 us for the unfused torch form."""
+    up to 64 rows (about one launch's floor). The DiTs' rows (1152 / 1408 at 64 requests), from a sweep of
+    BLOCK_M 32-128, BLOCK_N 64-256, BLOCK_K 32-64 and 4 or 8 warps: q/k/v in one launch (`grouped`, read in
+    place from the FusedQKV GEMM) 14.0 -> 11.2 us for VoxCPM2 and 9.6 -> 7.1 us for VoxCPM1.5, the output
+    projection 8.3 -> 7.1 us; wide tiles re-read each row's masked hidden for fewer output tiles."""
     if rows <= 64:
         return (16 if rows <= 16 else 32), 64, 64, 8
+    if not grouped:
+        return 64, 256, 64, 8
     if out_features >= 2048:
-        return 64, 128, 32, 4
-    return 64, 64, 64, 4
+        return 128, 256, 32, 8
+    return 128, 128, 64, 8
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x with unit column stride, which the kernels assume; any row stride: `both` may be a column slice of
+    a wider GEMM output (FusedQKV), read in place rather than copied."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 @functools.cache
@@ -142,7 +152,7 @@ def register_op() -> None:
 
     @torch.library.custom_op("voxcpm_api::lora_expand", mutates_args=())
     def lora_expand_op(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-        both, mask, lora_b = both.contiguous(), mask.contiguous(), lora_b.contiguous()
+        both, mask, lora_b = (_rows(x) for x in (both, mask, lora_b))
         out = torch.empty(both.shape[0], lora_b.shape[0], device=both.device, dtype=both.dtype)
         if out.numel():
             _launch(both, mask, lora_b, out)
@@ -156,11 +166,11 @@ def register_op() -> None:
     def lora_expand3_op(both0: torch.Tensor, both1: torch.Tensor, both2: torch.Tensor, mask: torch.Tensor,
                         b0: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        boths = [x.contiguous() for x in (both0, both1, both2)]
-        lora_bs = [x.contiguous() for x in (b0, b1, b2)]
+        boths = [_rows(x) for x in (both0, both1, both2)]
+        lora_bs = [_rows(x) for x in (b0, b1, b2)]
         outs = [torch.empty(both0.shape[0], b.shape[0], device=both0.device, dtype=both0.dtype) for b in lora_bs]
         if both0.shape[0]:
-            _launch3(boths, mask.contiguous(), lora_bs, outs)
+            _launch3(boths, _rows(mask), lora_bs, outs)
         return outs[0], outs[1], outs[2]
 
     @lora_expand3_op.register_fake

@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from voxcpm.modules.minicpm4.model import apply_rotary_pos_emb
 
 from .attention_kernels import use_short_attention
-from .multi_lora import LoRAContext, SlotWeights, project_together
+from .multi_lora import LoRAContext, SlotWeights, fuse_qkv, project_qkv
 from .scheduler import attention_bucket
 
 log = logging.getLogger("voxcpm_api.engine.batched")
@@ -80,7 +80,7 @@ def _attention_inputs(layer: Any, x: torch.Tensor, cos: torch.Tensor | None,
     rows = x.shape[0]
     attn = layer.self_attn
     h = layer.input_layernorm(x)
-    q, k, v = project_together((attn.q_proj, attn.k_proj, attn.v_proj), h)
+    q, k, v = project_qkv(attn, h)
     q = q.view(rows, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = k.view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
     v = v.view(rows, 1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
@@ -254,10 +254,13 @@ class BatchedModel:
         clock = PhaseClock()
         self.init_phases_s = clock.phases  # seconds per part of this constructor (start-up report)
         self.lora_context = LoRAContext()
-        self.lora = SlotWeights(tts, max(1, lora_slots), self.lora_context)
-        clock.lap("lora_slots")
         self.estimator = tts.feat_decoder.estimator
         self.feat_encoder = tts.feat_encoder
+        # every attention's q, k and v projections as one GEMM (multi_lora.FusedQKV)
+        qkv_groups = fuse_qkv([self.estimator.decoder, self.feat_encoder.encoder, tts.base_lm, tts.residual_lm],
+                              self.lora_context)
+        self.lora = SlotWeights(tts, max(1, lora_slots), self.lora_context, qkv_groups=qkv_groups)
+        clock.lap("lora_slots")
         # the DiT's and the local encoder's 5-11 position sequences: our kernel on a GPU (attention_kernels)
         use_short_attention([self.estimator.decoder, self.feat_encoder.encoder])
         self._attn_in, self._attn_out, self._euler = _attention_inputs, _attention_output, _guided_euler_step
