@@ -53,7 +53,8 @@ def test_start_up_queue_holds_every_step_graph_then_the_common_prefills() -> Non
     engine = engine_with(model)
     engine._queue_captures(with_lora=False)
     buckets = batch_buckets_up_to(16)
-    assert engine.stats()["captures_deferred"] == 2 * len(buckets) + 3 * 4
+    prefill_buckets = len(engine_module.DEFERRED_PREFILL_LENGTHS) * len(engine_module.DEFERRED_PREFILL_PROMPTS)
+    assert engine.stats()["captures_deferred"] == 2 * len(buckets) + prefill_buckets
     assert engine.stats()["all_captured_s"] is None
     drain(engine)
     steps = [c for c in model.calls if c[0] == "step"]

@@ -20,7 +20,7 @@ from voxcpm_api.engine.batched.model_runner import (
 
 @pytest.mark.parametrize(("rows", "longest", "want"), [
     (1, 1, (1, 32)), (1, 17, (1, 32)), (1, 32, (1, 32)), (1, 33, (1, 64)), (3, 100, (4, 128)),
-    (8, 256, (8, 256)), (1, 2048, (1, 2048)),
+    (8, 256, (8, 256)), (1, 2048, (1, 2048)), (9, 10, (16, 32)), (33, 20, (64, 32)), (16, 128, (16, 128)),
 ])
 def test_prefills_pad_to_power_of_two_buckets(rows: int, longest: int, want: tuple[int, int]) -> None:
     batch, width = _prefill_graph_shape(rows, longest)
@@ -28,7 +28,7 @@ def test_prefills_pad_to_power_of_two_buckets(rows: int, longest: int, want: tup
     assert batch >= rows and width >= longest
 
 
-@pytest.mark.parametrize(("rows", "longest"), [(9, 10), (8, 300), (1, 2049), (2, 1025)])
+@pytest.mark.parametrize(("rows", "longest"), [(65, 10), (8, 300), (1, 2049), (2, 1025), (16, 129), (64, 33)])
 def test_large_prefills_run_eagerly(rows: int, longest: int) -> None:
     assert _prefill_graph_shape(rows, longest) is None  # no graph per rare large shape: memory, capture time
     assert rows > model_runner.PREFILL_GRAPH_ROWS or rows * longest > model_runner.PREFILL_GRAPH_TOKENS // 2

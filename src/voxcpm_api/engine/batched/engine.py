@@ -53,7 +53,7 @@ PREFILL_TOKENS = 8192  # padded prompt positions per batched prefill
 ENCODES_AT_ONCE = 2  # reference audios encoded concurrently by callers (each holds its audio on the device)
 DECODE_AUDIO_S_PER_CALL = 120.0  # padded audio seconds per batched AudioVAE decode (bounds its memory)
 # prefill graphs captured while idle after ready (prompts x positions buckets); others on first use
-DEFERRED_PREFILL_PROMPTS = (1, 2, 4, 8)
+DEFERRED_PREFILL_PROMPTS = (1, 2, 4, 8, 16)  # 16: the service's default rows per device
 DEFERRED_PREFILL_LENGTHS = (32, 64, 128)
 
 
