@@ -3,7 +3,8 @@
 #
 #   bash bench/device_run.sh --model voxcpm2 [more bench_engine.py flags]     (carry: [".whl"])
 #
-# Installs the carried wheels (.whl/: voxcpm, librosa, pydantic, ... that the image lacks) into
+# Installs the carried wheels (.whl/: voxcpm, librosa, pydantic, ... that the image lacks; made here by
+# bash bench/device_wheels.sh) into
 # /tmp/site, logs nvidia-smi once a second to $OUT/nvidia-smi.csv, and writes the results to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ OUT="${OUT:-$PWD/bench/results}"
 mkdir -p "$OUT"
 
 if ! ls .whl/*.whl >/dev/null 2>&1; then
-  echo "no wheels in .whl/: run the command with carry: [\".whl\"]" >&2
+  echo "no wheels in .whl/: make them with bench/device_wheels.sh and run with carry: [\".whl\"]" >&2
   exit 2
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
