@@ -245,12 +245,17 @@ def bench() -> None:
                         def segment(block_n=block_n, split=split, block_k=block_k, warps=warps):
                             torch.matmul(x, w_all.t(), out=y)
                             lora_segment(x, y, slots, scales, a_list, b_list, block_n, block_k, split, warps)
-                        segment()
-                        err = (y.float() - want).abs().max().item()
-                        us = _time_us(segment)
-                        print(json.dumps(row | {"variant": "segment", "block_n": block_n, "split": split,
-                                                "block_k": block_k, "warps": warps, "us": round(us, 2),
-                                                "max_abs_vs_torch": round(err, 4)}), flush=True)
+                        tiles = {"variant": "segment", "block_n": block_n, "split": split, "block_k": block_k,
+                                 "warps": warps}
+                        try:
+                            segment()
+                            err = (y.float() - want).abs().max().item()
+                            us = _time_us(segment)
+                        except Exception as exc:  # e.g. a tile over the shared-memory limit: the next one
+                            print(json.dumps(row | tiles | {"error": repr(exc)[:200]}), flush=True)
+                            continue
+                        print(json.dumps(row | tiles | {"us": round(us, 2), "max_abs_vs_torch": round(err, 4)}),
+                              flush=True)
 
 
 if __name__ == "__main__":
