@@ -72,6 +72,9 @@ class BatchedConfig:
     prompt_cache_size: int = 32
     capture_attention_lens: tuple[int, ...] = (256, 512)  # graphs captured: the first before ready, then idle
     capture_solver_steps: int = 10
+    # the DiT's LoRA term per request segment (lora_kernels.lora_linear_segments) instead of every slot's for
+    # every row: off until a GPU measures it (bench: --engine-opt lora_segments=true; ADR 0008)
+    lora_segments: bool = False
 
 
 class _Intercepted(Exception):
@@ -189,7 +192,8 @@ class BatchedEngine:
             lap("compiler_wait")
         try:
             self._model = BatchedModel(tts, info.architecture, self.config.max_rows, self.config.max_seq_len,
-                                       self.config.lora_slots, self.config.cuda_graphs, self.config.compile)
+                                       self.config.lora_slots, self.config.cuda_graphs, self.config.compile,
+                                       self.config.lora_segments)
             lap("wrap")
             clock.phases.update({f"wrap_{name}": seconds for name, seconds in self._model.init_phases_s.items()})
             if self._model.use_graphs:

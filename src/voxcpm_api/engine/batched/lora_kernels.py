@@ -22,6 +22,7 @@ the single rounding.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -91,6 +92,79 @@ def _lora_expand3(both0, b0, out0, n0, sboth0, sb0, sout0, both1, b1, out1, n1, 
                      sb2, sout2, RANK_COLS, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
 
 
+@triton.jit
+def _segment_layer(x_ptr, y_ptr, a_ptr, b_ptr, scale, rows, row_in, part, stride_x, stride_y, stride_b,
+                   COL0: tl.constexpr, OUT: tl.constexpr, IN: tl.constexpr, R_CAP: tl.constexpr,
+                   R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT: tl.constexpr, IEEE: tl.constexpr):
+    """One layer, one block of a segment's rows: h = X A_s^T (BLOCK_M, R_BLOCK), then y[:, COL0 + n] += (h * scale)
+    B_s^T over this program's share (`part` of SPLIT) of the layer's output tiles. a_ptr: the slot's (R_CAP, IN)
+    rows of A; b_ptr: the slot's first column of B (row stride stride_b). R_BLOCK >= 16 (a GPU dot's least
+    size) covers R_CAP; the rank columns past it read as zeros."""
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, R_BLOCK)
+    r_in = rr < R_CAP
+    h = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    for k0 in tl.range(0, IN, BLOCK_K):
+        k_in = (k0 + rk) < IN
+        x = tl.load(x_ptr + rows[:, None] * stride_x + (k0 + rk)[None, :], mask=row_in[:, None] & k_in[None, :],
+                    other=0.0)
+        a_t = tl.load(a_ptr + rr[None, :] * IN + (k0 + rk)[:, None], mask=k_in[:, None] & r_in[None, :],
+                      other=0.0)  # (BLOCK_K, R_BLOCK) of A^T
+        if IEEE:
+            h += tl.dot(x, a_t, input_precision="ieee")
+        else:
+            h += tl.dot(x, a_t)
+    dtype = x_ptr.dtype.element_ty  # (a loop body's names are not visible after it in compiled Triton)
+    # as in the [W; A] form: the hidden rounded as a GEMM output, times the slot's scaling, rounded again
+    masked = (h.to(dtype).to(tl.float32) * scale).to(dtype)
+    rn = tl.arange(0, BLOCK_N)
+    for t in tl.range(0, (OUT + SPLIT * BLOCK_N - 1) // (SPLIT * BLOCK_N)):
+        cols = (t * SPLIT + part) * BLOCK_N + rn
+        col_in = cols < OUT
+        b_t = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_b + rr[:, None], mask=r_in[:, None] & col_in[None, :],
+                      other=0.0)  # (R_BLOCK, BLOCK_N) of B^T
+        if IEEE:
+            acc = tl.dot(masked, b_t, input_precision="ieee")
+        else:
+            acc = tl.dot(masked, b_t)
+        tile = row_in[:, None] & col_in[None, :]
+        y_at = y_ptr + rows[:, None] * stride_y + (COL0 + cols)[None, :]
+        base = tl.load(y_at, mask=tile, other=0.0)
+        tl.store(y_at, (base.to(tl.float32) + acc).to(dtype), mask=tile)
+
+
+@triton.jit
+def _lora_segments(x_ptr, y_ptr, slot_ptr, mask_ptr, stride_x, stride_y, stride_mask, a0, b0, sb0, a1, b1, sb1,
+                   a2, b2, sb2, LAYERS: tl.constexpr, C0: tl.constexpr, N0: tl.constexpr, C1: tl.constexpr,
+                   N1: tl.constexpr, C2: tl.constexpr, N2: tl.constexpr, SLOTS: tl.constexpr, REP: tl.constexpr,
+                   IN: tl.constexpr, R_CAP: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+    """Grid (segments, SPLIT). Segment g is rows [g * REP, (g + 1) * REP) of x and y; its slot is slot_ptr[g]
+    (SLOTS or more: no adapter, y stays the base GEMM's) and its scaling the mask's entry at the slot's first
+    column. Layer i (of LAYERS) has A rows a_i (SLOTS * R_CAP, IN), B b_i (N_i, SLOTS * R_CAP) of row stride
+    sb_i, and its output in y's columns [C_i, C_i + N_i)."""
+    seg = tl.program_id(0)
+    part = tl.program_id(1)
+    slot = tl.load(slot_ptr + seg)
+    if slot < SLOTS:
+        scale = tl.load(mask_ptr + seg * stride_mask + slot * R_CAP).to(tl.float32)
+        a_off = slot * R_CAP * IN
+        b_off = slot * R_CAP
+        for m0 in tl.static_range(0, REP, BLOCK_M):
+            local = m0 + tl.arange(0, BLOCK_M)
+            row_in = local < REP
+            rows = (seg * REP + local).to(tl.int64)
+            _segment_layer(x_ptr, y_ptr, a0 + a_off, b0 + b_off, scale, rows, row_in, part, stride_x, stride_y, sb0,
+                           C0, N0, IN, R_CAP, R_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT, IEEE)
+            if LAYERS > 1:
+                _segment_layer(x_ptr, y_ptr, a1 + a_off, b1 + b_off, scale, rows, row_in, part, stride_x, stride_y,
+                               sb1, C1, N1, IN, R_CAP, R_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT, IEEE)
+            if LAYERS > 2:
+                _segment_layer(x_ptr, y_ptr, a2 + a_off, b2 + b_off, scale, rows, row_in, part, stride_x, stride_y,
+                               sb2, C2, N2, IN, R_CAP, R_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT, IEEE)
+
+
 def _launch(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor,
             tiles: tuple[int, int, int, int] | None = None) -> None:
     """both: (M, out + K) row-major rows; mask: (R, K), R divides M; lora_b: (out, K); out: (M, out).
@@ -120,6 +194,38 @@ def _launch3(boths: list[torch.Tensor], mask: torch.Tensor, lora_bs: list[torch.
         *args, mask, mask.stride(0), rows, rows // mask.shape[0], tiles[0], tiles[1],
         RANK_COLS=lora_bs[0].shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         IEEE=boths[0].dtype == torch.float32, num_warps=warps)
+
+
+def _launch_segments(x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                     lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor], cols: list[int], rank_cap: int,
+                     tiles: tuple[int, int, int, int] | None = None) -> None:
+    """x: (M, in); y: (M, width) holding the base GEMM's x W^T (+ b), updated in place; slots: (R,) each segment's
+    slot, R dividing M; mask: (R, S * rank_cap); lora_as[i]: (S * rank_cap, in), lora_bs[i]: (out_i, S * rank_cap)
+    of the layer whose output starts at y's column cols[i]. tiles: (BLOCK_N, BLOCK_K, SPLIT, num_warps)."""
+    rows, in_features = x.shape
+    if mask.shape[0] != slots.shape[0] or rows % slots.shape[0]:
+        raise ValueError(f"{rows} rows, {slots.shape[0]} segments and {mask.shape[0]} mask rows do not match")
+    rep = rows // slots.shape[0]
+    block_n, block_k, split, warps = tiles or _segment_tiles()
+    layers = len(lora_as)
+    per_layer: list = []
+    shapes: dict[str, int] = {}
+    for i in range(3):
+        j = min(i, layers - 1)  # unused layer arguments repeat the last layer's (LAYERS masks them out)
+        per_layer += [lora_as[j], lora_bs[j], lora_bs[j].stride(0)]
+        shapes[f"C{i}"], shapes[f"N{i}"] = cols[j], lora_bs[j].shape[0]
+    _lora_segments[(slots.shape[0], split)](
+        x, y, slots, mask, x.stride(0), y.stride(0), mask.stride(0), *per_layer, LAYERS=layers, **shapes,
+        SLOTS=mask.shape[1] // rank_cap, REP=rep, IN=in_features, R_CAP=rank_cap,
+        R_BLOCK=max(16, triton.next_power_of_2(rank_cap)),
+        BLOCK_M=min(64, max(16, triton.next_power_of_2(rep))), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
+        IEEE=x.dtype == torch.float32, num_warps=warps)
+
+
+def _segment_tiles() -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT, num_warps) of `_launch_segments`: a first choice, not measured on a GPU yet
+    (bench/probes/lora_segment.py sweeps them on the DiTs' shapes)."""
+    return 128, 64, 1, 4
 
 
 def _tiles(rows: int, out_features: int, grouped: bool = False) -> tuple[int, int, int, int]:
@@ -179,6 +285,23 @@ def register_op() -> None:
         return tuple(both0.new_empty(both0.shape[0], b.shape[0]) for b in (b0, b1, b2))  # type: ignore[return-value]
 
 
+    @torch.library.custom_op("voxcpm_api::lora_linear_segments", mutates_args=())
+    def lora_linear_segments_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                slots: torch.Tensor, mask: torch.Tensor, lora_as: list[torch.Tensor],
+                                lora_bs: list[torch.Tensor], cols: list[int], rank_cap: int) -> torch.Tensor:
+        x = _rows(x)
+        y = torch.nn.functional.linear(x, weight, bias)  # (M, width): the base GEMM, which the kernel adds onto
+        if y.shape[0]:
+            _launch_segments(x, y, slots, _rows(mask), [_rows(a) for a in lora_as], [_rows(b) for b in lora_bs],
+                             cols, rank_cap)
+        return y
+
+    @lora_linear_segments_op.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], slots: torch.Tensor,
+          mask: torch.Tensor, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor], cols: list[int],
+          rank_cap: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0])
+
 def lora_expand(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """both: (M, out + K) = [base | hidden]; mask: (R, K) with R dividing M (row m uses mask row m // (M/R));
     lora_b: (out, K). Returns (M, out) = base + (hidden * mask) @ lora_b^T. kernel=False: the torch form
@@ -201,3 +324,16 @@ def lora_expand3(boths: list[torch.Tensor], mask: torch.Tensor, lora_bs: list[to
     if kernel and triton_serves(boths[0]):
         return list(torch.ops.voxcpm_api.lora_expand3(*boths, mask, *lora_bs))
     return [lora_expand(both, mask, lora_b, kernel=False) for both, lora_b in zip(boths, lora_bs)]
+
+
+def lora_linear_segments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, slots: torch.Tensor,
+                         mask: torch.Tensor, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor], cols: list[int],
+                         rank_cap: int) -> torch.Tensor:
+    """x: (M, in) whose rows come in segments that share an adapter (a DiT sequence's tokens); slots: (R,) each
+    segment's slot; mask: (R, S * rank_cap) as for `lora_expand`; lora_as[i] / lora_bs[i]: the A (S * rank_cap,
+    in) and B (out_i, S * rank_cap) of the layer whose output starts at column cols[i] of x weight^T + bias.
+    Returns (M, width) = x weight^T + bias plus each row's own slot's term in those columns: the GEMM runs
+    over the base weights alone and the kernel computes only each segment's own slot's hidden (the [W; A]
+    form computes every slot's). Where `triton_serves` only (no torch form: callers take the [W; A] one)."""
+    return torch.ops.voxcpm_api.lora_linear_segments(x, weight, bias, slots, mask, lora_as, lora_bs, cols, rank_cap)
+

@@ -242,7 +242,7 @@ class PhaseClock:
 
 class BatchedModel:
     def __init__(self, tts: Any, architecture: str, max_rows: int, slot_len: int, lora_slots: int,
-                 cuda_graphs: bool, compile: bool = False) -> None:
+                 cuda_graphs: bool, compile: bool = False, lora_segments: bool = False) -> None:
         self.tts = tts
         self.v2 = architecture == "voxcpm2"
         self.device = next(tts.parameters()).device
@@ -260,9 +260,11 @@ class BatchedModel:
         self.lora_context = LoRAContext()
         self.estimator = tts.feat_decoder.estimator
         self.feat_encoder = tts.feat_encoder
-        # every attention's q, k and v projections as one GEMM (multi_lora.FusedQKV)
+        # every attention's q, k and v projections as one GEMM (multi_lora.FusedQKV); with lora_segments the
+        # DiT's LoRA term runs per request segment on a GPU (an experiment awaiting its measurement, ADR 0008)
+        self.lora_segments = lora_segments
         qkv_groups = fuse_qkv([self.estimator.decoder, self.feat_encoder.encoder, tts.base_lm, tts.residual_lm],
-                              self.lora_context)
+                              self.lora_context, segmented=(self.estimator.decoder,) if lora_segments else ())
         self.lora = SlotWeights(tts, max(1, lora_slots), self.lora_context, qkv_groups=qkv_groups)
         clock.lap("lora_slots")
         # the DiT's and the local encoder's 5-11 position sequences: our kernel on a GPU (attention_kernels)
@@ -389,6 +391,7 @@ class BatchedModel:
     def _lora_rows(self, slots: torch.Tensor | None) -> None:
         """Point the wrapped layers at these rows' adapters (None = no adapter in this call)."""
         self.lora_context.mask = None if slots is None else self.lora.scale_table[slots]
+        self.lora_context.slots = None  # (a step that failed inside its DiT loop may have left them set)
 
     @torch.inference_mode()
     def prefill(self, items: list[tuple[int, RowInputs, int | None]]) -> list[Prefilled]:
@@ -619,6 +622,7 @@ class BatchedModel:
         adapter_rows = self.lora.scale_table[self.adapter[:rows]] if with_lora else None
         lm_h, res_h = self.lm_h[:rows], self.res_h[:rows]
         self.lora_context.mask = adapter_rows
+        self.lora_context.slots = None  # set for the DiT's calls only
         if self.v2:
             mu = torch.cat((tts.lm_to_dit_proj(lm_h), tts.res_to_dit_proj(res_h)), dim=-1)
         else:
@@ -632,6 +636,8 @@ class BatchedModel:
         mu_in = torch.cat((mu, torch.zeros_like(mu)))
         cfg = self.cfg[:rows]
         self.lora_context.mask = None if adapter_rows is None else torch.cat((adapter_rows, adapter_rows))
+        if adapter_rows is not None and self.lora_segments:  # each CFG-doubled row is one DiT sequence
+            self.lora_context.slots = torch.cat((self.adapter[:rows], self.adapter[:rows]))
         for k in range(solver_steps):
             t, dt = self.t_tab[:rows, k], self.dt_tab[:rows, k]
             if k == 0:
@@ -641,6 +647,7 @@ class BatchedModel:
             dt_in = torch.cat((dt, dt)) if self.mean_mode else torch.zeros_like(t_in)
             out = self.estimator(torch.cat((x, x)), mu_in, t_in, cond_in, dt_in)
             x = self._euler(out, x, cfg, dt, self.zero_tab[:rows, k])
+        self.lora_context.slots = None
         pred = x.transpose(1, 2)  # (B, P, D)
         # --- feedback, stop decision and both LM steps
         self.lora_context.mask = adapter_rows

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lora_runtime import AdoptedLinear, wrap_linear
-from .lora_kernels import lora_expand, lora_expand3, register_op
+from .lora_kernels import lora_expand, lora_expand3, lora_linear_segments, register_op
+from .triton_support import triton_serves
 
 
 _PACKS_KEPT = 16  # packed host copies of adapters kept for reloading a slot (as many as the host LRU keeps)
@@ -56,6 +57,16 @@ class LoRAContext:
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None  # (N, S * r_cap) or (1, S * r_cap) broadcast over rows
         self.kernel = True
+        # (N,) each mask row's slot (SlotWeights.base_index: none), set only around calls whose rows come in
+        # segments of one adapter, N of them (the DiT's sequences, with BatchedConfig.lora_segments): on a GPU
+        # their LoRA term then runs per segment (lora_kernels.lora_linear_segments)
+        self.slots: torch.Tensor | None = None
+
+    def segments(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The segments' slots where this call's LoRA term runs per segment, else None."""
+        if self.slots is None or not self.kernel or not triton_serves(x):
+            return None
+        return self.slots
 
 
 class MultiLoRALinear(AdoptedLinear):
@@ -67,6 +78,7 @@ class MultiLoRALinear(AdoptedLinear):
         self.fused_bias: torch.Tensor | None = None  # (out + S * r_cap,): [b; 0] when the layer has a bias
         self.lora_a: torch.Tensor | None = None  # (S * r_cap, in), a view of fused_weight's last rows
         self.lora_b: torch.Tensor | None = None  # (out, S * r_cap)
+        self.rank_cap = 0
 
     def allocate(self, slots: int, rank_cap: int) -> None:
         """(Re)build [W; A_cat] with zero A blocks. The base weight moves into its first rows: the
@@ -80,6 +92,7 @@ class MultiLoRALinear(AdoptedLinear):
             if self.bias is not None:
                 self.fused_bias = torch.cat((self.bias.detach(), self.bias.new_zeros(extra)))
         self.fused_weight = fused
+        self.rank_cap = rank_cap
         self.lora_a = fused[self.out_features:]
         self.lora_b = torch.zeros(self.out_features, extra, device=w.device, dtype=w.dtype)
 
@@ -87,6 +100,11 @@ class MultiLoRALinear(AdoptedLinear):
         mask = self.context.mask
         if mask is None or self.fused_weight is None:
             return F.linear(x, self.weight, self.bias)
+        slots = self.context.segments(x)
+        if slots is not None:  # the GEMM over W alone, then each segment's own slot's term
+            out = lora_linear_segments(x.flatten(0, -2), self.weight, self.bias, slots, mask, [self.lora_a],
+                                       [self.lora_b], [0], self.rank_cap)
+            return out.view(*x.shape[:-1], self.out_features)
         # one GEMM makes the base output and every slot's x A^T; one more kernel adds each row's own term
         both = F.linear(x, self.fused_weight, self.fused_bias)  # (N, ..., out + S * r_cap)
         out = lora_expand(both.flatten(0, -2), mask, self.lora_b, self.context.kernel)  # (N * ..., out)
@@ -109,13 +127,21 @@ class FusedQKV:
 
     so each layer's own [W; A] (MultiLoRALinear.fused_weight) is a contiguous slice of it and its weight
     Parameter a view: the layers still work alone (the official forwards, the CPU DiT) and no weight is
-    held twice. `rebuild` re-lays the buffer whenever SlotWeights changes the LoRA layout."""
+    held twice. `rebuild` re-lays the buffer whenever SlotWeights changes the LoRA layout.
 
-    def __init__(self, attn: nn.Module, context: LoRAContext) -> None:
+    `segmented` (the DiT's attentions with BatchedConfig.lora_segments): calls whose rows come in segments
+    of one adapter (LoRAContext.slots) run one GEMM over [W_q; W_k; W_v] alone and add each segment's own
+    slot's term (lora_kernels.lora_linear_segments); those three weights are then also held as one copy
+    (VoxCPM2's DiT: 63 MB), which the experiment costs until the layout changes for good."""
+
+    def __init__(self, attn: nn.Module, context: LoRAContext, segmented: bool = False) -> None:
         self.attn = attn
         self.context = context
+        self.segmented = segmented
         self.weight: torch.Tensor | None = None  # (sum of the spans' widths, in)
         self.bias: torch.Tensor | None = None
+        self.base_weight: torch.Tensor | None = None  # (q + k + v widths, in) when segmented and wrapped
+        self.base_bias: torch.Tensor | None = None
         self.spans: tuple[tuple[int, int, int], ...] = ()  # per layer: (first row, out, LoRA rows)
         self.rebuild()
 
@@ -152,16 +178,29 @@ class FusedQKV:
                     layer.lora_a = fused[first + out:first + out + extra]
                     if layer.fused_bias is not None and fused_bias is not None:
                         layer.fused_bias = fused_bias[first:first + out + extra]
+            if self.segmented and any(extra for _, _, extra in spans):
+                self.base_weight = torch.cat([fused[first:first + out] for first, out, _ in spans])
+                self.base_bias = None if fused_bias is None else torch.cat(
+                    [fused_bias[first:first + out] for first, out, _ in spans])
         self.weight, self.bias, self.spans = fused, fused_bias, tuple(spans)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (..., in) -> q, k, v, each (..., out) as that layer alone computes it (column views of one GEMM's
         output when no row carries an adapter)."""
-        both = F.linear(x, self.weight, self.bias).flatten(0, -2)  # (N, all spans' rows)
         # the mask is read only when a layer has LoRA rows: reading it would make the compiled code guard on
         # it, and so one more variant, in attentions no adapter touches
         mask = self.context.mask if any(extra for _, _, extra in self.spans) else None
         layers = self.layers()
+        slots = None if mask is None or self.base_weight is None else self.context.segments(x)
+        if slots is not None:  # the GEMM over [W_q; W_k; W_v] alone, then each segment's own slot's terms
+            wrapped = [i for i, (_, _, extra) in enumerate(self.spans) if extra]
+            cols = [sum(out for _, out, _ in self.spans[:i]) for i in range(len(self.spans))]
+            flat = lora_linear_segments(x.flatten(0, -2), self.base_weight, self.base_bias, slots, mask,
+                                        [layers[i].lora_a for i in wrapped], [layers[i].lora_b for i in wrapped],
+                                        [cols[i] for i in wrapped], layers[wrapped[0]].rank_cap)
+            outs = list(flat.split([out for _, out, _ in self.spans], dim=1))
+            return [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
+        both = F.linear(x, self.weight, self.bias).flatten(0, -2)  # (N, all spans' rows)
         if mask is not None and all(extra for _, _, extra in self.spans):
             # every slot's hidden came out of the same GEMM; the three expands run as one launch
             outs = lora_expand3([both[:, first:first + out + extra] for first, out, extra in self.spans], mask,
@@ -173,13 +212,14 @@ class FusedQKV:
         return [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
 
 
-def fuse_qkv(stacks: list[Any], context: LoRAContext) -> list[FusedQKV]:
-    """Give every attention of these layer stacks its one-GEMM q, k and v projections (`project_qkv`)."""
+def fuse_qkv(stacks: list[Any], context: LoRAContext, segmented: tuple[Any, ...] = ()) -> list[FusedQKV]:
+    """Give every attention of these layer stacks its one-GEMM q, k and v projections (`project_qkv`); those of
+    the `segmented` stacks can also run their LoRA term per segment (FusedQKV)."""
     groups = []
     for stack in stacks:
         for layer in stack.layers:
             attn = layer.self_attn
-            attn.qkv_group = FusedQKV(attn, context)
+            attn.qkv_group = FusedQKV(attn, context, segmented=any(stack is other for other in segmented))
             groups.append(attn.qkv_group)
     return groups
 
