@@ -728,7 +728,8 @@ def stats_delta(before: dict, after: dict) -> dict:
         and after[key] != before[key]
     }
     for key in after:
-        if key.endswith("_ms_total") and isinstance(after[key], (int, float)) and isinstance(before.get(key), (int, float)):
+        number = (int, float)
+        if key.endswith("_ms_total") and isinstance(after[key], number) and isinstance(before.get(key), number):
             delta[key] = rnd(after[key] - before[key], 1)
     if delta.get("steps") and "rows_stepped" in delta:
         delta["rows_per_step"] = rnd(delta["rows_stepped"] / delta["steps"], 2)  # how full the batches were
@@ -1256,7 +1257,8 @@ def _phase_table(configs: dict) -> list[str]:
             continue
         cells = [f"{_fmt(delta.get(f'{phase}_ms_total'))} ({100 * delta.get(f'{phase}_ms_total', 0) / wall_ms:.0f} %)"
                  for phase in ("step", "prefill", "prepare", "vae_decode")]
-        rows.append(f"| {v['concurrency']} | {v['loras']} | {wall_ms:.0f} | {delta.get('steps', 0)} | " + " | ".join(cells) + " |")
+        head = f"| {v['concurrency']} | {v['loras']} | {wall_ms:.0f} | {delta.get('steps', 0)} | "
+        rows.append(head + " | ".join(cells) + " |")
     if not rows:
         return []
     return ["Where the timed rounds' wall time went (ms, share of the rounds' wall time; AudioVAE decodes run "
@@ -1340,7 +1342,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="any other BatchedConfig field, value as JSON (repeatable), e.g. max_seq_len=1024",
     )
     p.add_argument(
-        "--ours-compile", action="store_true", help="our engine with --compile (regional inductor; BatchedConfig.compile)"
+        "--ours-compile", action="store_true",
+        help="our engine with --compile (regional inductor; BatchedConfig.compile)",
     )
     p.add_argument(
         "--profile",

@@ -158,7 +158,8 @@ def main() -> None:
 def to_markdown(report: dict) -> str:
     o, t = report["overhead_fake_engine"], report["tiny_model"]
     rows = [
-        ("service overhead, sync WAV (fake engine, 0 s generation)", f"{o['wav']['p50_ms']} ms p50 / {o['wav']['p90_ms']} ms p90"),
+        ("service overhead, sync WAV (fake engine, 0 s generation)",
+         f"{o['wav']['p50_ms']} ms p50 / {o['wav']['p90_ms']} ms p90"),
         ("service overhead, sync MP3 (fake engine)", f"{o['mp3']['p50_ms']} ms p50 / {o['mp3']['p90_ms']} ms p90"),
         ("async submit (fake engine)", f"{o['async_submit']['per_request_ms']} ms per request"),
         ("ttfb: /synthesize/stream first byte (fake engine, 0 s generation)",

@@ -26,7 +26,8 @@ from tests.helpers import REPO_ROOT, SubprocessServer, wait_final, wait_ready, w
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny-server")]
 
 TINY_CACHE = REPO_ROOT / ".cache" / "test-tiny"
-LONG_TEXT = " ".join(f"This is sentence number {i} of a long text that the server splits into chunks." for i in range(8))
+LONG_TEXT = " ".join(f"This is sentence number {i} of a long text that the server splits into chunks."
+                     for i in range(8))
 
 
 def server_args(tmp: Path, *extra: str) -> list[str]:
@@ -179,7 +180,8 @@ def test_graceful_restart_keeps_every_task(tmp_path: Path) -> None:
     server = SubprocessServer(args, log_path=tmp_path / "first.log").start()
     with httpx.Client(base_url=server.url, timeout=60) as client:
         wait_ready(client, 180)
-        done_id = client.post("/synthesize", json={"text": "Finished before restart.", "async_mode": False}).json()["task_id"]
+        done_id = client.post("/synthesize",
+                              json={"text": "Finished before restart.", "async_mode": False}).json()["task_id"]
         ids = [client.post("/synthesize", json={"text": LONG_TEXT, "seed": i}).json()["task_id"] for i in range(3)]
     server.stop()  # SIGTERM while tasks run and wait
     again = SubprocessServer(args, port=server.port, log_path=tmp_path / "second.log").start()
@@ -291,7 +293,8 @@ def test_bad_input_on_the_real_model_is_4xx_and_stores_nothing(tiny_server, asyn
     lora = client.get("/loras").json()["loras"][0]
     cases = [
         ({"text": "   "}, 422), ({"text": 42}, 422), ({"text": "x" * 6000}, 422), ({"text": "ok", "steps": 0}, 422),
-        ({"text": "ok", "cfg_scale": 0}, 422), ({"text": "ok", "seed": -2}, 422), ({"text": "ok", "lora_name": "nope"}, 404),
+        ({"text": "ok", "cfg_scale": 0}, 422), ({"text": "ok", "seed": -2}, 422),
+        ({"text": "ok", "lora_name": "nope"}, 404),
         ({"text": "ok", "lora_name": "../x"}, 403), ({"text": "ok", "ref_text": "no audio"}, 422),
         ({"text": "ok", "ref_audio_path": "/etc/passwd", "ref_text": "t"}, 403),
         ({"text": "ok", "ref_audio_path": "missing.wav", "ref_text": "t"}, 404),

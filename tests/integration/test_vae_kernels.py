@@ -92,7 +92,8 @@ with torch.inference_mode():
     got_unit, got_block = fused_unit(wide), block(x)
     vk.FusedDecoderBlock.unswap(block)
     back = type(block) is CausalDecoderBlock and torch.equal(block(x), want_block)
-print(json.dumps({"unit": float((want_unit - got_unit).abs().max()), "block": float((want_block - got_block).abs().max()),
+print(json.dumps({"unit": float((want_unit - got_unit).abs().max()),
+                  "block": float((want_block - got_block).abs().max()),
                   "peaks": [float(want_unit.abs().max()), float(want_block.abs().max())],
                   "shapes": [list(want_block.shape), list(got_block.shape)], "back": back}))
 """

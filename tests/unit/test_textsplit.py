@@ -48,7 +48,8 @@ def split(text: str, max_chars: int) -> list[str]:
 
 @pytest.mark.parametrize(
     "text",
-    ["Hello world.", "  padded text with spaces  \n", "你好，世界。", "", "   ", "x" * 200, " " * 5 + "y" * 200 + " " * 5],
+    ["Hello world.", "  padded text with spaces  \n", "你好，世界。", "", "   ", "x" * 200,
+     " " * 5 + "y" * 200 + " " * 5],
 )
 def test_short_text_is_returned_as_identical_object(text):
     out = split_text(text)

@@ -55,7 +55,8 @@ async def create_voice(
     service: ServiceDep,
     audio: Annotated[UploadFile | None, File(description="Reference recording: wav, flac, mp3 or ogg (vorbis/opus), "
                                              "at most --max-upload-bytes and --voice-max-duration-s.")] = None,
-    name: Annotated[str | None, Form(description="1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit).")] = None,
+    name: Annotated[str | None,
+                    Form(description="1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit).")] = None,
     transcript: Annotated[str | None, Form(description="The words spoken in the audio; required by VoxCPM 1.x "
                                            "models, optional for VoxCPM2.")] = None,
     lora_name: Annotated[str | None, Form(description="Default adapter (GET /loras).")] = None,

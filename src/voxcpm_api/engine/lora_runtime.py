@@ -288,7 +288,8 @@ def _pair_tensors(name: str, state: Mapping[str, torch.Tensor]) -> dict[str, tup
         elif key.endswith(".lora_B"):
             b_parts[key[: -len(".lora_B")]] = value
         else:
-            raise AdapterMismatch(f"LoRA '{name}' contains '{key}', which is not a lora_A/lora_B tensor", field="lora_name")
+            raise AdapterMismatch(f"LoRA '{name}' contains '{key}', which is not a lora_A/lora_B tensor",
+                                  field="lora_name")
     unpaired = sorted(set(a_parts) ^ set(b_parts))
     if unpaired:
         raise AdapterMismatch(f"LoRA '{name}': '{unpaired[0]}' lacks its lora_A/lora_B partner", field="lora_name")

@@ -319,7 +319,8 @@ def _build_model(arch: str, out_dir: Path, tok_src: Path) -> list[str]:
         _shape_weights(arch, model)
     state = model.state_dict()
     main = {k: v.detach().contiguous().clone() for k, v in state.items() if not k.startswith("audio_vae.")}
-    vae = {k[len("audio_vae."):]: v.detach().contiguous().clone() for k, v in state.items() if k.startswith("audio_vae.")}
+    vae = {k[len("audio_vae."):]: v.detach().contiguous().clone()
+           for k, v in state.items() if k.startswith("audio_vae.")}
     save_file(main, str(out_dir / "model.safetensors"))
     torch.save({"state_dict": vae}, str(out_dir / "audiovae.pth"))
     linears = {}
@@ -329,7 +330,8 @@ def _build_model(arch: str, out_dir: Path, tok_src: Path) -> list[str]:
     return linears
 
 
-def _build_lora(arch: str, name: str, recipe: dict, linears: dict[str, tuple[int, int]], out_dir: Path, base_model: Path) -> None:
+def _build_lora(arch: str, name: str, recipe: dict, linears: dict[str, tuple[int, int]], out_dir: Path,
+                base_model: Path) -> None:
     import torch
     from safetensors.torch import save_file
 

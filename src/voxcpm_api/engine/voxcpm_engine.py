@@ -150,7 +150,8 @@ class VoxCPMEngine:
             try:
                 ckpts = build_tiny_checkpoints(target)
             except Exception as exc:
-                raise errors.EngineFailure(f"could not build the tiny checkpoints under {target}: {_short(exc)}") from exc
+                raise errors.EngineFailure(
+                    f"could not build the tiny checkpoints under {target}: {_short(exc)}") from exc
             return ckpts.models[TINY_MODELS[name.lower()]], name.lower()
         local = Path(name).expanduser()
         looks_like_path = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
@@ -208,7 +209,8 @@ class VoxCPMEngine:
                 info = sf.info(path)
                 frames = int(info.frames)
                 if frames <= 0:
-                    raise errors.BadAudio(f"reference audio '{name}' cannot be decoded: it is empty", field="ref_audio_path")
+                    raise errors.BadAudio(f"reference audio '{name}' cannot be decoded: it is empty",
+                                          field="ref_audio_path")
                 with sf.SoundFile(path) as fh:  # make sure samples decode, not just the header
                     fh.read(frames=min(frames, 4096), dtype="float32")
                 return
@@ -229,7 +231,8 @@ class VoxCPMEngine:
         except errors.BadAudio:
             raise
         except Exception as exc:
-            raise errors.BadAudio(f"reference audio '{name}' cannot be decoded: {_short(exc)}", field="ref_audio_path") from exc
+            raise errors.BadAudio(f"reference audio '{name}' cannot be decoded: {_short(exc)}",
+                                  field="ref_audio_path") from exc
 
     # ------------------------------------------------------------------ generation
 

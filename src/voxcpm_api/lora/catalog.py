@@ -198,7 +198,8 @@ def read_safetensors_header(path: Path, *, what: str) -> dict[str, dict]:
                 raise ValueError("implausible header length")
             header = json.loads(fh.read(length))
     except (OSError, ValueError, struct.error) as exc:
-        raise AdapterMismatch(f"{what}: {path.name} is not a readable safetensors file ({exc})", field="lora_name") from exc
+        raise AdapterMismatch(f"{what}: {path.name} is not a readable safetensors file ({exc})",
+                              field="lora_name") from exc
     if not isinstance(header, dict):
         raise AdapterMismatch(f"{what}: {path.name} has a malformed header", field="lora_name")
     return header

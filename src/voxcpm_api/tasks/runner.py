@@ -128,7 +128,8 @@ class EngineRunner:
         self._store.set_meta("engine_info", asdict(info))
         requeued, failed = await asyncio.to_thread(self._store.requeue_interrupted, self._config.max_attempts)
         if requeued or failed:
-            log.warning("recovered interrupted tasks: %d re-queued, %d failed after too many attempts", requeued, failed)
+            log.warning("recovered interrupted tasks: %d re-queued, %d failed after too many attempts",
+                        requeued, failed)
         await self._measure_speed(engine)
         self._store.set_meta("engine", {"loaded": True, "pid": os.getpid(), "heartbeat": time.time()})
         self.loaded.set()
@@ -329,8 +330,8 @@ class EngineRunner:
             return None
         except Exception as exc:  # the engine must never leave a task stuck in processing
             log.exception("task %s crashed the engine call", record.task_id)
-            await asyncio.to_thread(self._store.fail, record.task_id, error=f"internal error: {type(exc).__name__}: {exc}",
-                                    error_status=500)
+            await asyncio.to_thread(self._store.fail, record.task_id,
+                                    error=f"internal error: {type(exc).__name__}: {exc}", error_status=500)
             self._events.generation_finished("task", "failed", 0.0, time.monotonic() - started, lora, voice)
             return None
         finally:

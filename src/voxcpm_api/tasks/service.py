@@ -271,12 +271,14 @@ class TaskService:
         deleted_audio: list[str] = []
         deleted = 0
         candidates = list(output_dir.glob("tts_*")) + list(output_dir.glob(".*.part"))
-        candidates += list((output_dir / UPLOADS_DIR_NAME).glob("*")) if (output_dir / UPLOADS_DIR_NAME).is_dir() else []
+        uploads = output_dir / UPLOADS_DIR_NAME
+        candidates += list(uploads.glob("*")) if uploads.is_dir() else []
         for path in candidates:
             try:
                 if not path.is_file() or path.stat().st_mtime >= cutoff or str(path.resolve()) in active_refs:
                     continue
-                if path.parent == output_dir and path.name.startswith("tts_") and not AUDIO_FILE_RE.fullmatch(path.name):
+                ours = AUDIO_FILE_RE.fullmatch(path.name)
+                if path.parent == output_dir and path.name.startswith("tts_") and not ours:
                     continue  # not one of ours
                 path.unlink()
             except FileNotFoundError:

@@ -405,7 +405,8 @@ class BatchedEngine:
             padded = torch.zeros(len(jobs), max(lengths), *first.shape[1:], dtype=first.dtype, device=first.device)
             for i, job in enumerate(jobs):
                 padded[i, : lengths[i]] = job.latents
-            feat = padded.permute(0, 3, 1, 2).reshape(len(jobs), first.shape[2], -1)  # (B, D, n * P): "b t p d -> b d (t p)"
+            # (B, D, n * P): "b t p d -> b d (t p)"
+            feat = padded.permute(0, 3, 1, 2).reshape(len(jobs), first.shape[2], -1)
             audio = tts.audio_vae.decode(feat.to(torch.float32)).reshape(len(jobs), -1)
             per_patch = audio.shape[1] // max(lengths)
             drop = self._drop_samples_per_patch()
@@ -417,7 +418,8 @@ class BatchedEngine:
                 self._end(job, None)
         except torch.OutOfMemoryError as exc:
             for job in jobs:
-                self._end(job, errors.EngineFailure(f"GPU out of memory while decoding the audio ({_short(exc)}); retry"))
+                self._end(job, errors.EngineFailure(
+                    f"GPU out of memory while decoding the audio ({_short(exc)}); retry"))
         except Exception as exc:
             log.exception("decoding failed")
             for job in jobs:

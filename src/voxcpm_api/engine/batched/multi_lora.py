@@ -160,7 +160,8 @@ class FusedQKV:
             spans.append((start, layer.out_features, weight.shape[0] - layer.out_features))
             start += weight.shape[0]
         if self.weight is not None and tuple(spans) == self.spans and all(
-                weight.data_ptr() == self.weight[first].data_ptr() for (weight, _), (first, _, _) in zip(blocks, spans)):
+                weight.data_ptr() == self.weight[first].data_ptr()
+                for (weight, _), (first, _, _) in zip(blocks, spans)):
             return  # every block already in place (an adapter re-laid other layers): the compiled code's guards
             # on this buffer still hold
         with torch.inference_mode(False), torch.no_grad():  # .data of a Parameter takes no inference tensor
