@@ -128,4 +128,3 @@ def test_lora_expand_kernel_matches_the_arithmetic() -> None:
     assert result["together_shapes"] == [[3, 5, 16], [3, 5, 8], [3, 5, 8]]
     assert result["together_max"] < 1e-5, result
     assert result["torch_form_launches"] == 0 and result["torch_form_max"] < 1e-5, result
-

@@ -277,8 +277,8 @@ class TaskService:
             try:
                 if not path.is_file() or path.stat().st_mtime >= cutoff or str(path.resolve()) in active_refs:
                     continue
-                ours = AUDIO_FILE_RE.fullmatch(path.name)
-                if path.parent == output_dir and path.name.startswith("tts_") and not ours:
+                if (path.parent == output_dir and path.name.startswith("tts_")
+                        and not AUDIO_FILE_RE.fullmatch(path.name)):
                     continue  # not one of ours
                 path.unlink()
             except FileNotFoundError:

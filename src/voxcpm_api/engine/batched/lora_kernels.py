@@ -284,7 +284,6 @@ def register_op() -> None:
           b0: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(both0.new_empty(both0.shape[0], b.shape[0]) for b in (b0, b1, b2))  # type: ignore[return-value]
 
-
     @torch.library.custom_op("voxcpm_api::lora_linear_segments", mutates_args=())
     def lora_linear_segments_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                 slots: torch.Tensor, mask: torch.Tensor, lora_as: list[torch.Tensor],
@@ -301,6 +300,7 @@ def register_op() -> None:
           mask: torch.Tensor, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor], cols: list[int],
           rank_cap: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], weight.shape[0])
+
 
 def lora_expand(both: torch.Tensor, mask: torch.Tensor, lora_b: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """both: (M, out + K) = [base | hidden]; mask: (R, K) with R dividing M (row m uses mask row m // (M/R));
