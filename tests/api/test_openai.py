@@ -1,11 +1,13 @@
 """POST /v1/audio/speech and GET /v1/models, driven by the official `openai` Python SDK against real
-uvicorn with FakeEngine; error bodies in OpenAI's shape on /v1/* only."""
+uvicorn with FakeEngine; error bodies in OpenAI's shape on /v1/* only. Speech is streamed as it is
+generated (chunked) unless `stream_format: "sse"` asks for events."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import struct
 import time
 
 import av
@@ -16,10 +18,15 @@ import pytest
 import soundfile as sf
 
 from tests.api.conftest import fitting_shapes, wav_bytes, write_adapter
+from voxcpm_api.audio.streaming import STREAM_FORMATS
 from voxcpm_api.engine.fake import FAKE_PATCH_SAMPLES, FAKE_SAMPLE_RATE_HZ, FakeEngine
 
 API_KEY = "sk-test-key"
 TEXT = "Hello from the OpenAI compatible endpoint."
+MEDIA_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+               "wav": "audio/wav", "pcm": "audio/pcm"}
+# MP3 and AAC streams carry no encoder delay / priming info: decoders return about a frame more
+EXTRA_S = {"mp3": 0.16, "aac": 0.16}
 
 
 def seconds_of(text: str) -> float:
@@ -29,12 +36,32 @@ def seconds_of(text: str) -> float:
 def decode(data: bytes, fmt: str, rate: int) -> tuple[np.ndarray, int]:
     if fmt == "pcm":
         return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767.0, rate
-    if fmt == "aac":
+    if fmt in ("aac", "flac"):  # ADTS: no libsndfile; streamed FLAC (total_samples 0): libsndfile fails to seek
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.audio[0]
-            return np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)]), stream.rate
+            samples = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)])
+            decoded_rate = stream.rate
+        if samples.dtype == np.int16:
+            return samples.astype(np.float32) / 32768.0, decoded_rate
+        return samples.astype(np.float32, copy=False), decoded_rate
     samples, decoded_rate = sf.read(io.BytesIO(data), dtype="float32")
     return samples, decoded_rate
+
+
+def streamed_wav_samples(data: bytes) -> tuple[np.ndarray, int]:
+    """The streamed WAV read by hand: the unknown-size RIFF header audio/streaming.py documents, then
+    PCM 16 to the end of the body; soundfile must read the very same samples from the bytes."""
+    riff, riff_size, wave_id = struct.unpack("<4sI4s", data[:12])
+    fmt_id, fmt_size, tag, channels, rate, byte_rate, align, bits = struct.unpack("<4sIHHIIHH", data[12:36])
+    data_id, data_size = struct.unpack("<4sI", data[36:44])
+    assert (riff, wave_id, fmt_id, data_id) == (b"RIFF", b"WAVE", b"fmt ", b"data")
+    assert riff_size == data_size == 0xFFFFFFFF  # "unknown": the length is not known when the header leaves
+    assert (fmt_size, tag, channels, bits, byte_rate, align) == (16, 1, 1, 16, rate * 2, 2)
+    assert (len(data) - 44) % 2 == 0
+    pcm = np.frombuffer(data[44:], dtype="<i2")
+    read, read_rate = sf.read(io.BytesIO(data), dtype="int16")
+    assert read_rate == rate and np.array_equal(read, pcm)
+    return pcm, rate
 
 
 @pytest.fixture(scope="module")
@@ -53,28 +80,81 @@ def client(server) -> openai.OpenAI:  # type: ignore[no-untyped-def]
         yield sdk
 
 
+SLOW_PATCH_S = 0.1  # one patch (80 ms of audio) per 100 ms: a generation slower than real time
+SLOW_TEXT = "s" * 80  # 20 patches: 2.0 s of generation for 1.6 s of audio
+
+
+@pytest.fixture(scope="module")
+def slow_client(make_module_server) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+    running = make_module_server(engine=FakeEngine(patch_delay_s=SLOW_PATCH_S))
+    with openai.OpenAI(base_url=f"{running.server.url}/v1", api_key="unused", max_retries=0, timeout=60) as sdk:
+        yield sdk
+
+
 def last_call(server):  # type: ignore[no-untyped-def]
     return server.engine.calls[-1]
 
 
-# ---- whole files --------------------------------------------------------------------------------
+# ---- default response: audio streamed as it is generated ---------------------------------------
 
 
-@pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac", "wav", "pcm"])
-def test_sdk_create_returns_a_whole_file_in_each_format(client, server, fmt: str) -> None:
+@pytest.mark.parametrize("fmt", STREAM_FORMATS)
+def test_sdk_create_returns_streamed_audio_in_each_format(client, server, fmt: str) -> None:
     response = client.audio.speech.create(model="tts-1", voice="default", input=TEXT, response_format=fmt)
     data = response.content
     headers = response.response.headers
-    assert headers["content-type"] == {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
-                                       "flac": "audio/flac", "wav": "audio/wav", "pcm": "audio/pcm"}[fmt]
+    assert headers["content-type"] == MEDIA_TYPES[fmt]
     assert headers["x-model"] == "tts-1"
-    assert "chunked" not in headers.get("transfer-encoding", "")
-    assert int(headers["content-length"]) == len(data)
+    assert headers.get("transfer-encoding") == "chunked" and "content-length" not in headers
+    assert headers["cache-control"] == "no-store" and headers["x-accel-buffering"] == "no"
     samples, rate = decode(data, fmt, int(headers["x-sample-rate"]))
+    assert rate == int(headers["x-sample-rate"])
     expected = seconds_of(TEXT)
-    extra = 0.16 if fmt == "aac" else 1e-3
-    assert expected - 1e-3 <= samples.shape[0] / rate <= expected + extra
+    assert expected - 1e-3 <= samples.shape[0] / rate <= expected + EXTRA_S.get(fmt, 1e-3)
     assert last_call(server).adapter is None and last_call(server).text == TEXT
+
+
+@pytest.mark.parametrize("fmt", STREAM_FORMATS)
+def test_default_response_streams_while_it_is_generated(slow_client, fmt: str) -> None:
+    """No stream_format: the SDK's streaming response gets its first bytes about one patch (plus the
+    codec's look-ahead) after the request, not when the 2 s generation ends; the body is one file."""
+    arrivals: list[float] = []
+    pieces: list[bytes] = []
+    started = time.monotonic()
+    with slow_client.audio.speech.with_streaming_response.create(
+            model="m", voice="default", input=SLOW_TEXT, response_format=fmt, extra_body={"seed": 5}) as response:
+        headers = response.headers
+        for piece in response.iter_bytes():
+            pieces.append(piece)
+            arrivals.append(time.monotonic() - started)
+    total = time.monotonic() - started
+    assert total >= 20 * SLOW_PATCH_S
+    assert arrivals[0] < total / 3, f"first chunk after {arrivals[0]:.2f} s of {total:.2f} s"
+    assert len(pieces) > 5 and arrivals[-1] - arrivals[0] > total / 2
+    assert headers.get("transfer-encoding") == "chunked" and headers["content-type"] == MEDIA_TYPES[fmt]
+    assert headers["x-seed"] == "5"
+    data = b"".join(pieces)
+    rate = int(headers["x-sample-rate"])
+    expected_samples = 20 * FAKE_PATCH_SAMPLES
+    if fmt == "pcm":
+        assert len(data) == 2 * expected_samples and rate == FAKE_SAMPLE_RATE_HZ
+        return
+    if fmt == "wav":
+        pcm, wav_rate = streamed_wav_samples(data)
+        assert wav_rate == rate == FAKE_SAMPLE_RATE_HZ and pcm.size == expected_samples
+    samples, decoded_rate = decode(data, fmt, rate)
+    assert decoded_rate == rate
+    expected = expected_samples / FAKE_SAMPLE_RATE_HZ
+    assert expected - 1e-3 <= samples.shape[0] / rate <= expected + EXTRA_S.get(fmt, 1e-3)
+
+
+def test_default_response_is_the_stream_format_audio_response(client) -> None:  # type: ignore[no-untyped-def]
+    kwargs = dict(model="m", voice="default", input=TEXT, response_format="wav", extra_body={"seed": 21})
+    default = client.audio.speech.create(**kwargs).content
+    streamed = client.audio.speech.create(**kwargs, stream_format="audio")
+    assert streamed.response.headers.get("transfer-encoding") == "chunked"
+    assert default == streamed.content
+    assert streamed_wav_samples(default)[0].size == round(seconds_of(TEXT) * FAKE_SAMPLE_RATE_HZ)
 
 
 def test_extensions_seed_cfg_steps_reach_the_engine_and_seed_repeats(client, server) -> None:
@@ -93,7 +173,7 @@ def test_speed_changes_duration(client) -> None:  # type: ignore[no-untyped-def]
     for speed in (0.5, 2.0, 4.0):
         data = client.audio.speech.create(model="m", voice="default", input=text, response_format="wav",
                                           speed=speed, extra_body={"seed": 4}).content
-        samples, rate = decode(data, "wav", 0)
+        samples, rate = streamed_wav_samples(data)
         # WSOLA's length is exact up to about one analysis window (64 ms at 16 kHz)
         assert abs(samples.shape[0] / rate - base / speed) < 0.08 + 0.03 * base / speed, speed
 

@@ -9,14 +9,17 @@ unchanged (`OpenAI(base_url="http://host:8000/v1", api_key=...)`):
 * `instructions` become VoxCPM2's voice-design prefix "(instructions)text"; VoxCPM 1.x has no
   such control, so non-empty instructions are refused with 400;
 * `speed` 0.25..4.0 changes tempo, not pitch (FFmpeg atempo; see audio/streaming.py);
-* without `stream_format` the whole file is one response; `stream_format: "audio"` streams the
-  encoded bytes as they are made, `"sse"` sends `speech.audio.delta` events (base64 audio) and a
-  final `speech.audio.done`;
+* the audio is streamed as it is generated, as OpenAI's is: without `stream_format` (or with
+  `"audio"`) the encoded bytes leave chunked as they are made, every `response_format` alike (WAV
+  with the unknown-size RIFF header of audio/streaming.py); `"sse"` sends `speech.audio.delta`
+  events (base64 audio) and a final `speech.audio.done`;
 * extensions: `seed`, `cfg_scale`, `steps`;
 * `pcm` is 16-bit little-endian mono at the model's rate (OpenAI's is 24 kHz): see X-Sample-Rate.
 
 Every error on these routes has OpenAI's body `{"error": {"message", "type", "param", "code"}}`,
 and request validation errors are 400 as OpenAI returns them; other routes keep `{"detail": ...}`.
+The speech handler answers only once the first patch is decoded, so errors before the first audio
+are such JSON errors; a later failure cuts the chunked body (SSE: an `error` event).
 """
 
 from __future__ import annotations
@@ -29,16 +32,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from ..audio.encoders import encode_audio
-from ..audio.streaming import (SPEED_MAX, SPEED_MIN, STREAM_MEDIA_TYPES, StreamEncoder, TimeStretcher,
-                               encode_stream_whole, stream_sample_rate_for)
+from ..audio.streaming import SPEED_MAX, SPEED_MIN, StreamEncoder, TimeStretcher
 from ..domain import OutputFormat
 from ..errors import InvalidInput, NotFound, Overloaded, VoxError
 from ..lora.catalog import is_base_model_name
@@ -141,7 +141,8 @@ class SpeechRequest(BaseModel):
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(1.0, ge=SPEED_MIN, le=SPEED_MAX, description="Tempo 0.25..4.0, pitch preserved.")
     stream_format: Literal["audio", "sse"] | None = Field(
-        None, description="Absent: one whole file. `audio`: bytes as they are made. `sse`: speech.audio.delta events.")
+        None, description="Absent or `audio`: the encoded bytes, chunked as they are made. `sse`: "
+                          "speech.audio.delta events.")
     seed: StrictInt = Field(-1, ge=-1, le=SEED_MAX, description="Extension: -1 = random; reported in X-Seed.")
     cfg_scale: float = Field(2.0, gt=0.0, le=10.0, description="Extension: classifier-free guidance.")
     steps: StrictInt = Field(10, ge=1, le=100, description="Extension: diffusion steps per patch.")
@@ -187,11 +188,11 @@ async def retrieve_model(model_id: str, request: Request, service: ServiceDep) -
 
 
 @router.post("/v1/audio/speech", tags=["openai"], response_class=Response,
-             responses={200: {"description": "Audio (whole file, chunked audio, or text/event-stream).",
+             responses={200: {"description": "Audio, chunked as it is generated, or text/event-stream (sse).",
                               "content": {"audio/mpeg": {}, "audio/ogg": {}, "audio/aac": {}, "audio/flac": {},
                                           "audio/wav": {}, "audio/pcm": {}, "text/event-stream": {}}}})
 async def create_speech(body: SpeechRequest, service: ServiceDep) -> Response:
-    """OpenAI's speech endpoint over VoxCPM (+ LoRA adapters and saved voices)."""
+    """OpenAI's speech endpoint over VoxCPM (+ LoRA adapters and saved voices), streamed as generated."""
     arrived_at = time.time()
     settings = service.settings
     if not body.input.strip():
@@ -211,25 +212,22 @@ async def create_speech(body: SpeechRequest, service: ServiceDep) -> Response:
         response_format=OutputFormat(body.response_format) if body.response_format != "aac" else OutputFormat.MP3,
         voice=voice, explicit_fields=frozenset(explicit))
     sample_rate, stream = await service.open_stream(request, arrived_at=arrived_at)
-    first = await first_audio(stream)
-    fmt = body.response_format
-    headers = {"X-Model": body.model, "X-Seed": str(stream.params.seed),
-               "X-Sample-Rate": str(stream_sample_rate_for(fmt, sample_rate))}
+    first = await first_audio(stream)  # errors until here are JSON errors; after it the status is 200
     try:
         stretcher = TimeStretcher(body.speed, sample_rate) if body.speed != 1.0 else None
-        if body.stream_format is None:
-            data = await _whole_file(first, stream, sample_rate, fmt, stretcher)
-            return Response(content=data, media_type=STREAM_MEDIA_TYPES[fmt], headers=headers)
-        encoder = StreamEncoder(fmt, sample_rate)
+        encoder = StreamEncoder(body.response_format, sample_rate)
     except BaseException:
         stream.close()
         raise
+    headers = {"X-Model": body.model, "X-Seed": str(stream.params.seed),
+               "X-Sample-Rate": str(encoder.sample_rate_hz), "Cache-Control": "no-store",
+               "X-Accel-Buffering": "no"}
     audio = encoded_audio(first, stream, encoder, stretcher)
-    headers.update({"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-    if body.stream_format == "audio":
-        return AudioStreamingResponse(audio, media_type=encoder.media_type, headers=headers)
-    return AudioStreamingResponse(_sse_events(audio, stream, encoder), media_type="text/event-stream",
-                                  headers=headers)
+    if body.stream_format == "sse":
+        return AudioStreamingResponse(_sse_events(audio, stream, encoder), media_type="text/event-stream",
+                                      headers=headers)
+    # no stream_format, or "audio": OpenAI's default, the encoded bytes chunked as they are made
+    return AudioStreamingResponse(audio, media_type=encoder.media_type, headers=headers)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -262,27 +260,6 @@ async def _resolve_voice(service: TaskService, voice: str | VoiceRef) -> tuple[s
             pass
     where = "a LoRA name from GET /loras" + (" or a saved voice from GET /voices" if resolve is not None else "")
     raise InvalidInput(f"unknown voice '{name[:80]}': use 'default' (the base model), {where}", field="voice")
-
-
-async def _whole_file(first: np.ndarray, stream: AudioStream, sample_rate: int, fmt: str,
-                      stretcher: TimeStretcher | None) -> bytes:
-    blocks = [first]
-    try:
-        async for block in stream:
-            blocks.append(block)
-    finally:
-        stream.close()
-    samples = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
-
-    def encode() -> bytes:
-        audio = samples
-        if stretcher is not None:
-            audio = np.concatenate([stretcher.feed(samples), stretcher.finish()])
-        if fmt == "aac":
-            return encode_stream_whole(audio, sample_rate, fmt)
-        return encode_audio(audio, sample_rate, fmt)
-
-    return await asyncio.to_thread(encode)
 
 
 def _sse(event: dict[str, object]) -> bytes:
