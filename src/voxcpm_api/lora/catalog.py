@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ _MAX_HEADER_BYTES = 64 * 1024 * 1024
 _DEFAULT_QKVO = ("q_proj", "v_proj", "k_proj", "o_proj")
 _DEFAULT_PROJ = ("enc_to_lm_proj", "lm_to_dit_proj", "res_to_dit_proj")
 BASE_MODEL_NAMES = frozenset({"", "none", "null", "base"})
+_MAX_RESOLVED = 1024  # parsed adapters kept by a catalog (names, not weights: a few KB each)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +85,15 @@ def is_base_model_name(name: str | None) -> bool:
 
 
 class LoRACatalog:
-    """Lists and resolves adapters under one root. Cheap: every call re-reads the directory."""
+    """Lists and resolves adapters under one root. Every call looks at the directory again; a resolved
+    adapter is parsed once and reused while its weights file and lora_config.json are unchanged (same
+    inode, size and mtime), so a request pays a few stat calls, not a header parse (hundreds of tensors,
+    tens of KB of JSON at full size)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._resolved: dict[str, tuple[tuple, AdapterSpec]] = {}  # name -> (files' stamp, spec)
+        self._lock = threading.Lock()
 
     def list_names(self) -> list[str]:
         root = self.root.resolve()
@@ -109,6 +116,19 @@ class LoRACatalog:
             weights = directory / CKPT_NAME
         if not weights.is_file():
             raise LoRANotFound(f"LoRA '{name}' not found under the LoRA directory; see GET /loras", field="lora_name")
+        stamp = (directory, _file_stamp(weights), _file_stamp(directory / CONFIG_NAME))
+        with self._lock:
+            known = self._resolved.get(name)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        spec = self._parse(name, directory, weights)
+        with self._lock:
+            if len(self._resolved) >= _MAX_RESOLVED:
+                self._resolved.clear()
+            self._resolved[name] = (stamp, spec)
+        return spec
+
+    def _parse(self, name: str, directory: Path, weights: Path) -> AdapterSpec:
         rank_from_cfg, alpha, targets = _read_config(directory / CONFIG_NAME, name)
         shapes = read_safetensors_lora_shapes(weights, name) if weights.suffix == ".safetensors" else {}
         rank = _rank_of(shapes, name) if shapes else rank_from_cfg
@@ -141,6 +161,15 @@ class LoRACatalog:
         if not candidate.is_dir():
             raise LoRANotFound(f"LoRA '{name}' not found; see GET /loras", field="lora_name")
         return candidate
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime_ns) of a file, None when absent: a rewrite or a replacement changes it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def check_adapter_fits(spec: AdapterSpec, linear_shapes: Mapping[str, tuple[int, int]]) -> None:
