@@ -196,6 +196,15 @@ class ServiceCollector:
                 family = CounterMetricFamily(name, doc)
                 family.add_metric([], float(counters[key]))
                 metrics.append(family)
+        phases = {k[: -len("_ms_total")]: v for k, v in counters.items() if k.endswith("_ms_total")}
+        if phases:  # where the batched engine's threads spend their time (the loop's idle share included)
+            family = CounterMetricFamily("voxcpm_engine_phase_seconds", "Seconds the batched engine spent per "
+                                         "phase: decode steps, their row callbacks, prefills, adapter slot loads "
+                                         "and idle waits (loop thread), request preparation (callers' threads), "
+                                         "AudioVAE decodes (decode thread).", labels=["phase"])
+            for phase, total_ms in sorted(phases.items()):
+                family.add_metric([phase], float(total_ms) / 1000.0)
+            metrics.append(family)
         placements = stats.get("engine_placements")
         if placements:
             family = CounterMetricFamily("voxcpm_engine_placements", "Generations placed on each engine of a "

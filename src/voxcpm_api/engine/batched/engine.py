@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -42,26 +43,32 @@ from ..base import AudioCallback, ChunkRequest, EngineLoad, PatchCallback
 from ..lora_runtime import LoadedAdapter, load_adapter
 from ..voxcpm_engine import EngineConfig, VoxCPMEngine, _normalize_text, _official_args, _short
 from .model_runner import BatchedModel, PhaseClock, Prefilled, RowInputs
-from .scheduler import RowRequest, Scheduler, TooLong, batch_bucket, batch_buckets_up_to
+from .scheduler import RowRequest, Scheduler, TooLong, batch_bucket, batch_buckets_up_to, rows_for_memory
 
 log = logging.getLogger("voxcpm_api.engine.batched")
 IDLE_WAIT_S = 0.05
-# timed phases in stats(): a decode step; filling an adapter slot; building a request's official inputs;
-# one batched prefill; one batched AudioVAE decode (decode thread)
-_PHASES = ("step", "adapter_switch", "prepare", "prefill", "vae_decode")
+CPU_DEFAULT_ROWS = 16  # BatchedConfig.max_rows None on a CPU
+# timed phases in stats(): a decode step; filling an adapter slot; building a request's official inputs
+# (callers' threads); one batched prefill; one batched AudioVAE decode (decode thread); the rows' callbacks
+# after a step; the loop thread waiting for work
+_PHASES = ("step", "adapter_switch", "prepare", "prefill", "vae_decode", "callbacks", "idle")
 PREFILL_TOKENS = 8192  # padded prompt positions per batched prefill
 ENCODES_AT_ONCE = 2  # reference audios encoded concurrently by callers (each holds its audio on the device)
 DECODE_AUDIO_S_PER_CALL = 120.0  # padded audio seconds per batched AudioVAE decode (bounds its memory)
 # prefill graphs captured while idle after ready (prompts x positions buckets); others on first use
 DEFERRED_PREFILL_PROMPTS = (1, 2, 4, 8, 16)  # 16: the service's default rows per device
 DEFERRED_PREFILL_LENGTHS = (32, 64, 128)
+GIL_SWITCH_INTERVAL_S = 0.0005  # on a GPU: how long another thread may keep the loop thread waiting for the GIL
+NOISE_BLOCK_PATCHES = 16  # CFM noise drawn ahead per row and torch call (see _draw_noise)
 
 
 @dataclass(frozen=True)
 class BatchedConfig:
     model: str
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    max_rows: int = 16  # rows one decode step holds (static KV slots)
+    # rows one decode step holds (static KV slots); None: sized at load from the GPU's free memory
+    # (scheduler.rows_for_memory), 16 on a CPU
+    max_rows: int | None = None
     max_seq_len: int = 5120  # KV positions per row: prompt + generated patches
     lora_slots: int = 8  # GPU-resident adapter slots
     lora_cache_size: int = 16  # validated adapters kept in host memory
@@ -103,7 +110,9 @@ class _Job:
     adapter_key: str | None = None
     adapter: LoadedAdapter | None = None
     generator: torch.Generator | None = None
-    next_noise: torch.Tensor | None = None  # (feat_dim, patch): drawn while the previous step ran
+    next_noise: np.ndarray | None = None  # (feat_dim, patch): drawn while the previous step ran
+    noise_block: np.ndarray | None = None  # (k, feat_dim, patch): patches drawn ahead by one torch call
+    noise_used: int = 0  # patches of noise_block handed out
     prefilled: Prefilled | None = None
     max_len: int = 0
     stream_state: Any = None
@@ -118,7 +127,8 @@ class BatchedEngine:
             feature_cache_dir=config.feature_cache_dir))
         self._info: EngineInfo | None = None
         self._model: BatchedModel | None = None
-        self._sched = Scheduler(config.max_rows, config.max_seq_len, config.lora_slots)
+        self._rows = config.max_rows or CPU_DEFAULT_ROWS  # decided in load() when config.max_rows is None
+        self._sched = Scheduler(self._rows, config.max_seq_len, config.lora_slots)
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self._wake = threading.Event()
         self._closed = threading.Event()
@@ -134,7 +144,7 @@ class BatchedEngine:
         self._token_lock = threading.Lock()
         self._encode_slots = threading.BoundedSemaphore(ENCODES_AT_ONCE)
         self._stats_lock = threading.Lock()
-        self._summary = EngineLoad(0, 0, config.max_rows, frozenset())
+        self._summary = EngineLoad(0, 0, self._rows, frozenset())
         self._stream_vae: Any = None
         self._pinned: torch.Tensor | None = None  # decode thread: host staging for decoded audio
         self.stats_counters: dict[str, float] = {"steps": 0, "rows_stepped": 0, "prefills": 0, "adapter_slot_loads": 0,
@@ -158,7 +168,7 @@ class BatchedEngine:
 
     @property
     def max_rows(self) -> int:
-        return self.config.max_rows
+        return self._rows
 
     def load(self) -> EngineInfo:
         if self._info is not None:
@@ -183,6 +193,10 @@ class BatchedEngine:
         vae_fused: concurrent.futures.Future[None] | None = None
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            # The loop thread gives up the GIL in every torch call and, when another thread holds it, gets it
+            # back only after that thread's switch interval (CPython's default: 5 ms). With HTTP, SQLite and
+            # encoding threads busy, a decode step of ~10 such calls could wait longer than the GPU works.
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
             # the AudioVAE's kernels build and warm up (Triton, cuDNN: ~9-12 s) on a thread of their own,
             # overlapping the decode step's compilation and capture below; ready waits for both
             vae_fused = helpers.submit(_fuse_vae, tts, device)
@@ -191,7 +205,8 @@ class BatchedEngine:
             compiler.result()
             lap("compiler_wait")
         try:
-            self._model = BatchedModel(tts, info.architecture, self.config.max_rows, self.config.max_seq_len,
+            self._size_rows(tts, device)
+            self._model = BatchedModel(tts, info.architecture, self._rows, self.config.max_seq_len,
                                        self.config.lora_slots, self.config.cuda_graphs, self.config.compile,
                                        self.config.lora_segments)
             lap("wrap")
@@ -217,7 +232,7 @@ class BatchedEngine:
                 lap("vae_kernels_wait")
         except torch.OutOfMemoryError as exc:
             raise errors.EngineFailure(
-                f"not enough GPU memory for {self.config.max_rows} rows of {self.config.max_seq_len} positions "
+                f"not enough GPU memory for {self._rows} rows of {self.config.max_seq_len} positions "
                 f"({_short(exc)}); lower --max-concurrent or --max-seq-len") from exc
         self.ready_phases_s = clock.phases
         self._info = EngineInfo(model_id=info.model_id, architecture=info.architecture,
@@ -232,9 +247,22 @@ class BatchedEngine:
         if nothing_deferred:
             self.all_captured_s = round(self.ready_s, 2)
         log.info("batched engine ready on %s in %.1f s: %d rows x %d positions, %d adapter slots, graphs=%s",
-                 device, self.ready_s, self.config.max_rows, self.config.max_seq_len, self.config.lora_slots,
+                 device, self.ready_s, self._rows, self.config.max_seq_len, self.config.lora_slots,
                  self._model.use_graphs)
         return self._info
+
+    def _size_rows(self, tts: Any, device: torch.device) -> None:
+        """BatchedConfig.max_rows None on a GPU: as many rows as half its free memory holds (see
+        scheduler.rows_for_memory), measured after the weights are loaded."""
+        if self.config.max_rows is not None or device.type != "cuda":
+            return
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        per_row = BatchedModel.bytes_per_row(tts, self.config.max_seq_len)
+        self._rows = rows_for_memory(free_bytes, per_row)
+        self._sched = Scheduler(self._rows, self.config.max_seq_len, self.config.lora_slots)
+        self._summary = EngineLoad(0, 0, self._rows, frozenset())
+        log.info("batch rows sized from GPU memory: %d rows (%.1f GiB free, %.0f MB per row)", self._rows,
+                 free_bytes / 2**30, per_row / 1e6)
 
     def linear_shapes(self) -> Mapping[str, tuple[int, int]]:
         if self._info is None:
@@ -358,6 +386,9 @@ class BatchedEngine:
             # encoded here, in the caller's thread, so the loop (which steps every running row) only ever
             # finds it in the prompt cache
             self.prepare_prompt(job.request.ref_audio_path, job.request.ref_text)
+        # the official inputs (tokeniser, prompt layout: ~ms of Python each) are built here too: on the loop
+        # thread they would hold up every running row once per arriving request
+        job.inputs = self._prepared_inputs(job.request)
         self._inbox.put(lambda: self._accept(job))
         self._wake.set()
         while not job.done.wait(0.5):
@@ -462,8 +493,10 @@ class BatchedEngine:
                         self._capture_deferred()
                     else:
                         self._publish()
+                        idle_since = time.perf_counter()
                         self._wake.wait(IDLE_WAIT_S)
                         self._wake.clear()
+                        self._record("idle", idle_since)
                 except Exception:  # never let the loop die: fail what is running, keep serving
                     log.exception("batched engine loop error")
                     self._fail_running(errors.EngineFailure("internal engine error; the request was stopped"))
@@ -472,7 +505,7 @@ class BatchedEngine:
     def _capture_shapes(self) -> tuple[list[int], list[int]]:
         """The decode graphs' row buckets and attention lengths (BatchedConfig.capture_attention_lens)."""
         lens = [n for n in self.config.capture_attention_lens if n <= self.config.max_seq_len]
-        return batch_buckets_up_to(self.config.max_rows), lens
+        return batch_buckets_up_to(self._rows), lens
 
     def _queue_captures(self, with_lora: bool) -> None:
         """Queue every decode graph (and the common prefill buckets) for idle time: at start, and again
@@ -482,7 +515,7 @@ class BatchedEngine:
         for lora in (False, True) if with_lora else (False,):
             self._deferred_captures.extend(("step", rows, n, lora) for n in lens for rows in buckets)
         self._deferred_captures.extend(("prefill", prompts, n, False) for n in DEFERRED_PREFILL_LENGTHS
-                                       for prompts in DEFERRED_PREFILL_PROMPTS if prompts <= self.config.max_rows)
+                                       for prompts in DEFERRED_PREFILL_PROMPTS if prompts <= self._rows)
 
     def _capture_deferred(self) -> None:
         """One of the graphs load() left for idle time (the loop checks for work between them)."""
@@ -514,10 +547,8 @@ class BatchedEngine:
     def _accept(self, job: _Job) -> None:
         """Official inputs, prompt features, adapter: everything that can fail before a row is taken."""
         request = job.request
-        started = time.perf_counter()
         try:
-            job.inputs = self._official_inputs(request)
-            self._record("prepare", started)
+            assert job.inputs is not None  # built by the caller (_run)
             if request.adapter is not None:
                 job.adapter_key = adapter_key_str(request.adapter)
                 if job.adapter_key in self._unregistered:
@@ -542,22 +573,41 @@ class BatchedEngine:
             return
         self._jobs[job.request_id] = job
 
+    @torch.inference_mode()
+    def _prepared_inputs(self, request: ChunkRequest) -> RowInputs:
+        """Caller thread: the official inputs, or the error the request ends with (a VoxError)."""
+        started = time.perf_counter()
+        try:
+            inputs = self._official_inputs(request)
+        except errors.VoxError:
+            raise
+        except Exception as exc:
+            raise errors.EngineFailure(f"could not prepare the generation: {_short(exc)}") from exc
+        self._record("prepare", started)
+        return inputs
+
     def _official_inputs(self, request: ChunkRequest) -> RowInputs:
         """Run the official generate_with_prompt_cache up to its `_inference` call and keep the arguments."""
         if not isinstance(request.text, str) or not request.text.strip():
             raise errors.InvalidInput("text must be a non-empty string", field="text")
         text = _normalize_text(request.text)
         if request.normalize:
-            text = self._inner._text_normalizer().normalize(text)
+            with self._token_lock:  # callers' threads: one normaliser call at a time
+                text = self._inner._text_normalizer().normalize(text)
         prompt_cache = self._inner._prompt_cache_for(request)
         tts = self._inner.tts_model
 
         def intercept(*args: Any, **kwargs: Any) -> Any:
             raise _Intercepted(args, kwargs)
-        tts._inference = intercept  # instance attribute shadows the method; only this thread touches it
         try:
+            # callers' threads run this concurrently: the shadowing instance attribute is set and removed
+            # under the lock, so no call ever reaches the real `_inference`
             with self._token_lock:
-                tts.generate_with_prompt_cache(**_official_args(request, text, prompt_cache))
+                tts._inference = intercept
+                try:
+                    tts.generate_with_prompt_cache(**_official_args(request, text, prompt_cache))
+                finally:
+                    del tts._inference
         except _Intercepted as call:
             names = ("text", "text_mask", "feat", "feat_mask")
             values = dict(zip(names, call.call_args)) | call.call_kwargs
@@ -565,8 +615,6 @@ class BatchedEngine:
                              feat_mask=values["feat_mask"], min_len=int(values["min_len"]),
                              max_len=int(values["max_len"]), steps=int(values["inference_timesteps"]),
                              cfg_value=float(values["cfg_value"]))
-        finally:
-            del tts._inference
         raise errors.EngineFailure("the official package did not reach its inference step")
 
     def _host_adapter(self, spec: AdapterSpec) -> LoadedAdapter:
@@ -703,15 +751,17 @@ class BatchedEngine:
         model = self._model
         assert model is not None
         slots = self._sched.row_slots()
-        rows = batch_bucket(self._sched.batch_rows(), self.config.max_rows) if model.use_graphs \
+        rows = batch_bucket(self._sched.batch_rows(), self._rows) if model.use_graphs \
             else self._sched.batch_rows()
-        noise = torch.zeros(rows, model.feat_dim, model.patch, dtype=torch.float32)
+        # numpy writes into the runner's staging buffer: no torch call (each one releases and retakes the GIL,
+        # which other busy threads can hold for a whole switch interval) per row
+        staging = model.noise_staging().numpy()
         for rid, slot in slots.items():
             job = self._jobs[rid]
-            noise[slot] = job.next_noise if job.next_noise is not None else self._draw_noise(job)
+            staging[slot] = job.next_noise if job.next_noise is not None else self._draw_noise(job)
         started = time.perf_counter()
         try:
-            model.noise[:rows].copy_(noise.to(model.dtype), non_blocking=False)
+            model.upload_noise(rows)
             model.step(rows, self._sched.attention_len(), self._sched.solver_steps(), self._sched.uses_adapters())
             # while the GPU runs the step: each row's noise for its next patch. A row draws once per
             # patch, in order, so drawing early keeps its sequence; a row that ends leaves its draw unused.
@@ -729,6 +779,7 @@ class BatchedEngine:
             self.stats_counters["rows_stepped"] += len(slots)
             self._record_locked("step", started)
         self._sched.advance(slots)
+        callbacks_started = time.perf_counter()
         finished: list[_Job] = []  # decoded together, in the decode thread
         for rid, slot in slots.items():
             job = self._jobs[rid]
@@ -762,14 +813,27 @@ class BatchedEngine:
                     finished.append(job)
         if finished:
             self._decode_q.put(finished)
+        self._record("callbacks", callbacks_started)
         self._publish()
 
-    def _draw_noise(self, job: _Job) -> torch.Tensor:
+    def _draw_noise(self, job: _Job) -> np.ndarray:
         """One patch's CFM noise, (feat_dim, patch) float32: the official CFM draws
-        torch.randn((b, feat_dim, patch)) once per patch, here from the row's own seeded generator."""
+        torch.randn((b, feat_dim, patch)) once per patch, here from the row's own seeded generator.
+
+        Drawn NOISE_BLOCK_PATCHES patches per torch call where that gives the same numbers: the CPU
+        generator fills a tensor with uniforms in order and transforms them in aligned blocks of 16, so
+        one draw of k patches equals k draws of one when a patch holds a multiple of 16 values
+        (tests/unit/test_noise_blocks.py checks it on the installed torch)."""
         model = self._model
         assert model is not None
-        return torch.randn((1, model.feat_dim, model.patch), generator=job.generator, dtype=torch.float32)[0]
+        if job.noise_block is None or job.noise_used >= job.noise_block.shape[0]:
+            per_call = NOISE_BLOCK_PATCHES if (model.feat_dim * model.patch) % 16 == 0 else 1
+            patches = max(1, min(per_call, job.max_len - job.patches))
+            job.noise_block = draw_noise(job.generator, patches, model.feat_dim, model.patch)
+            job.noise_used = 0
+        noise = job.noise_block[job.noise_used]
+        job.noise_used += 1
+        return noise
 
     # ------------------------------------------------------------------ streaming decode (loop thread)
 
@@ -861,10 +925,15 @@ class BatchedEngine:
             torch.cuda.empty_cache()
 
     def _publish(self) -> None:
-        summary = EngineLoad(self._sched.running, self._sched.waiting, self.config.max_rows,
+        summary = EngineLoad(self._sched.running, self._sched.waiting, self._rows,
                              self._sched.adapters.resident())
         with self._stats_lock:
             self._summary = summary
+
+
+def draw_noise(generator: torch.Generator | None, patches: int, feat_dim: int, patch: int) -> np.ndarray:
+    """`patches` patches of CFM noise, (patches, feat_dim, patch) float32, from one torch.randn call."""
+    return torch.randn((patches, feat_dim, patch), generator=generator, dtype=torch.float32).numpy()
 
 
 def _fuse_vae(tts: Any, device: torch.device) -> None:

@@ -252,6 +252,7 @@ class BatchedModel:
         self.patch = int(tts.patch_size)
         self.feat_dim = int(tts.feat_dim)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self._noise_host: torch.Tensor | None = None  # noise_staging()
         # prompts padded to the prefill graphs' buckets: on a GPU with or without graphs, so that graphs change
         # no kernel's shape (eager == graph); the CPU (parity tests) runs each batch at its own size
         self.pad_prefills = self.device.type == "cuda"
@@ -317,6 +318,17 @@ class BatchedModel:
                 layer.compile(dynamic=True)
 
     # ------------------------------------------------------------------ buffers
+
+    @staticmethod
+    def bytes_per_row(tts: Any, slot_len: int) -> int:
+        """Device memory one row slot holds in the buffers `_allocate` makes: both LMs' KV caches at
+        `slot_len` positions and the generated latents (the rest is a few KB)."""
+        itemsize = next(tts.base_lm.parameters()).element_size()
+        total = 0
+        for lm in (tts.base_lm, tts.residual_lm):
+            cfg = lm.config
+            total += cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * slot_len * _head_dim(cfg) * itemsize
+        return total + slot_len * int(tts.patch_size) * int(tts.feat_dim) * itemsize
 
     def _kv(self, lm: Any) -> torch.Tensor:
         cfg = lm.config
@@ -687,6 +699,21 @@ class BatchedModel:
         each variant costs ~1.5 s of a first start (H100 host); an extra row costs the step ~nothing at
         one row, where kernel launches, not the work in them, set its time."""
         return min(max(rows, 2), self.max_rows) if self.compiled else rows
+
+    def noise_staging(self) -> torch.Tensor:
+        """(max_rows, D, P) float32 host buffer the engine fills with each step's noise (page-locked on a
+        GPU, so `upload_noise` is one asynchronous copy); rows past the active ones keep stale values,
+        which only idle slots read."""
+        if self._noise_host is None:
+            self._noise_host = torch.zeros(self.max_rows, self.feat_dim, self.patch, dtype=torch.float32,
+                                           pin_memory=self.device.type == "cuda")
+        return self._noise_host
+
+    def upload_noise(self, rows: int) -> None:
+        """This step's noise for rows [0, rows), from `noise_staging()`. The cast to the model dtype happens
+        on the device, rounding to nearest even like the host cast. The staging buffer may be rewritten
+        once the step's results are read back (that read waits for the copy)."""
+        self.noise[:rows].copy_(self.noise_staging()[:rows], non_blocking=True)
 
     @torch.inference_mode()
     def step(self, rows: int, att_positions: int, solver_steps: int, with_lora: bool) -> None:
