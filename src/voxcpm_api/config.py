@@ -19,7 +19,9 @@ DEFAULT_LOCAL_MODEL_DIR = "./models/openbmb__VoxCPM1.5"
 DEFAULT_HUB_MODEL_ID = "openbmb/VoxCPM1.5"
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 EngineKind = Literal["batched", "official"]
-DEFAULT_ROWS_PER_ENGINE = 16  # --engine batched: batch rows per device when --max-concurrent is not given
+# --engine batched without --max-concurrent: rows per CPU engine; a GPU engine sizes its rows from its free
+# memory when it loads (engine/batched/scheduler.py rows_for_memory: 128 on an 80 GB card)
+DEFAULT_ROWS_PER_ENGINE = 16
 DEFAULT_OFFICIAL_MAX_CONCURRENT = 2  # --engine official: generation of one task overlaps encoding of another
 
 
@@ -51,7 +53,9 @@ class Settings(BaseSettings):
     # which may import torch), or a comma list normalised to "cuda:0,cuda:1" / "cpu" / "cpu,cpu".
     devices: str = "auto"
     engine: EngineKind = "batched"  # batched = rows of many requests per decode step; official = sequential
-    compile: bool = False  # torch.compile on CUDA: batched = regional (~50 s first start), official = minutes
+    # torch.compile on CUDA. None = auto: on for --engine batched (regional; start to ready stays within
+    # ~30 s, ADR 0009), off for --engine official (its whole-model compile takes minutes)
+    compile: bool | None = None
     lora_slots: int = Field(8, ge=1, le=256)  # --engine batched: GPU-resident adapter slots per engine
     max_seq_len: int = Field(4096 + 1024, ge=64, le=1 << 20)  # --engine batched: KV positions per row
     cuda_graphs: bool = True  # --engine batched: capture decode steps as CUDA graphs
@@ -131,11 +135,17 @@ class Settings(BaseSettings):
             return [self.device]
         return None
 
-    def rows_per_engine(self, engines: int) -> int:
-        """--engine batched: batch rows of each of `engines` engines (--max-concurrent spread over them)."""
+    def rows_per_engine(self, engines: int) -> int | None:
+        """--engine batched: batch rows of each of `engines` engines (--max-concurrent spread over them);
+        None = each engine decides (a GPU engine from its free memory, a CPU engine 16)."""
         if self.max_concurrent is None:
-            return DEFAULT_ROWS_PER_ENGINE
+            return None
         return max(1, -(-self.max_concurrent // max(1, engines)))
+
+    @property
+    def effective_compile(self) -> bool:
+        """--compile as the engine sees it (None = on for the batched engine, off for the official one)."""
+        return self.compile if self.compile is not None else self.engine == "batched"
 
     @property
     def effective_max_concurrent(self) -> int | None:
@@ -146,7 +156,9 @@ class Settings(BaseSettings):
         if self.engine == "official":
             return DEFAULT_OFFICIAL_MAX_CONCURRENT
         devices = self.engine_devices
-        return None if devices is None else DEFAULT_ROWS_PER_ENGINE * len(devices)
+        if devices is None or any(d != "cpu" for d in devices):
+            return None  # GPU engines size their rows when they load; the owner publishes the total
+        return DEFAULT_ROWS_PER_ENGINE * len(devices)
 
     @property
     def effective_cache_dir(self) -> Path:

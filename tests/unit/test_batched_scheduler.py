@@ -442,3 +442,17 @@ def test_max_skips_counts_only_admissions_that_pass_a_blocked_request() -> None:
     assert s.admit() == []  # now request 2 blocks the queue
     s.finish(1)
     assert [a.request.request_id for a in s.admit()] == [2, 5]
+
+
+def test_rows_for_memory_takes_the_largest_bucket_that_fits_half_the_free_memory() -> None:
+    from voxcpm_api.engine.batched.scheduler import BATCH_BUCKETS, rows_for_memory
+
+    gib, mb = 2**30, 10**6
+    # an 80 GB H100 after the weights: 128 rows of either full-size model (84 / 189 MB a row)
+    assert rows_for_memory(72 * gib, 84 * mb) == 128
+    assert rows_for_memory(70 * gib, 189 * mb) == 128
+    # a 24 GB card with ~18 GiB free: VoxCPM2 fits 51 rows in half of it -> the 48 bucket
+    assert rows_for_memory(18 * gib, 189 * mb) == 48
+    assert rows_for_memory(18 * gib, 189 * mb) in BATCH_BUCKETS
+    assert rows_for_memory(1 * gib, 189 * mb) == 16  # never below the floor (out-of-memory says so at load)
+    assert rows_for_memory(10**15, 1, cap=64) == 64

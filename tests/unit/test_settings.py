@@ -70,7 +70,8 @@ def test_official_engine_takes_one_device() -> None:
 def test_max_concurrent_defaults_per_engine() -> None:
     assert Settings().max_concurrent is None
     assert Settings(engine="official").effective_max_concurrent == 2
-    assert Settings(engine="batched", devices="0,1").effective_max_concurrent == 32
+    assert Settings(engine="batched", devices="0,1").effective_max_concurrent is None  # sized from GPU memory
+    assert Settings(engine="batched", devices="cpu,cpu").effective_max_concurrent == 32
     assert Settings(engine="batched", device="cpu").effective_max_concurrent == 16
     assert Settings(engine="batched").effective_max_concurrent is None  # auto: known once torch counted GPUs
     assert Settings(max_concurrent=5, engine="official").effective_max_concurrent == 5
@@ -78,7 +79,7 @@ def test_max_concurrent_defaults_per_engine() -> None:
 
 
 def test_rows_per_engine_spread_max_concurrent() -> None:
-    assert Settings().rows_per_engine(3) == 16
+    assert Settings().rows_per_engine(3) is None  # each engine decides (GPU memory, or 16 on a CPU)
     assert Settings(max_concurrent=20).rows_per_engine(3) == 7
     assert Settings(max_concurrent=32).rows_per_engine(2) == 16
     assert Settings(max_concurrent=1).rows_per_engine(4) == 1
@@ -130,3 +131,12 @@ def test_env_twins_and_the_worker_round_trip(monkeypatch: pytest.MonkeyPatch) ->
     for name, text in env.items():
         monkeypatch.setenv(name, text)
     assert Settings() == settings
+
+
+def test_compile_is_on_by_default_for_the_batched_engine_only() -> None:
+    assert Settings().effective_compile is True
+    assert Settings(engine="official").effective_compile is False
+    assert Settings(compile=False).effective_compile is False
+    assert Settings(engine="official", compile=True).effective_compile is True
+    assert settings_from_args(["--no-compile"])[0].effective_compile is False
+    assert settings_from_args(["--compile", "--engine", "official"])[0].effective_compile is True

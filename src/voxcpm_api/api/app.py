@@ -55,7 +55,7 @@ def default_engine_factory(settings: Settings) -> Callable[[], Engine]:
 
             devices = settings.engine_devices
             return VoxCPMEngine(EngineConfig(model=settings.model, device=devices[0] if devices else "auto",
-                                             compile=settings.compile, cache_dir=cache_dir,
+                                             compile=settings.effective_compile, cache_dir=cache_dir,
                                              lora_cache_size=settings.lora_cache_size,
                                              feature_cache_dir=cache_dir / "prompt_features"))
         from ..engine.batched.engine import BatchedConfig, BatchedEngine
@@ -64,12 +64,12 @@ def default_engine_factory(settings: Settings) -> Callable[[], Engine]:
         rows = settings.rows_per_engine(len(devices))
         engines = [BatchedEngine(BatchedConfig(model=settings.model, device=device, max_rows=rows,
                                                lora_slots=settings.lora_slots, max_seq_len=settings.max_seq_len,
-                                               cuda_graphs=settings.cuda_graphs, compile=settings.compile,
+                                               cuda_graphs=settings.cuda_graphs, compile=settings.effective_compile,
                                                cache_dir=cache_dir,
                                                feature_cache_dir=cache_dir / "prompt_features",
                                                lora_cache_size=settings.lora_cache_size))
                    for device in devices]
-        log.info("batched engine: %d row(s) on each of %s", rows, ", ".join(devices))
+        log.info("batched engine: %s row(s) on each of %s", rows if rows is not None else "auto", ", ".join(devices))
         if len(engines) == 1:
             return engines[0]
         from ..engine.pool import EnginePool

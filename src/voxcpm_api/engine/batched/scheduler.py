@@ -26,6 +26,12 @@ from dataclasses import dataclass, field
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_ATTENTION_LEN = 256  # shorter buckets save nothing measurable and cost graph captures
+# Rows per GPU when --max-concurrent is not given (rows_for_memory): per-row state (the KV caches of both
+# LMs, ~84 MB for VoxCPM1.5 and ~189 MB for VoxCPM2 at 5120 positions) in at most half the free memory,
+# up to 128 rows (both full-size models get 128 on an 80 GB card), never under 16 (the CPU default)
+AUTO_ROWS_MEMORY_SHARE = 0.5
+AUTO_ROWS_CAP = 128
+AUTO_ROWS_FLOOR = 16
 
 
 def batch_bucket(rows: int, max_rows: int) -> int:
@@ -39,6 +45,16 @@ def batch_bucket(rows: int, max_rows: int) -> int:
 def batch_buckets_up_to(max_rows: int) -> list[int]:
     sizes = sorted({min(size, max_rows) for size in BATCH_BUCKETS if size < max_rows} | {max_rows})
     return sizes
+
+
+def rows_for_memory(free_bytes: int, bytes_per_row: int, *, share: float = AUTO_ROWS_MEMORY_SHARE,
+                    cap: int = AUTO_ROWS_CAP, floor: int = AUTO_ROWS_FLOOR) -> int:
+    """Batch rows for a device with `free_bytes` free once the weights are loaded: the largest batch bucket
+    (a captured size, so no step runs padded rows) whose per-row state fits in `share` of it; the rest
+    stays for activations, CUDA graphs and the AudioVAE's batched decodes. At least `floor`."""
+    fits = int(free_bytes * share) // max(1, bytes_per_row)
+    sizes = [size for size in BATCH_BUCKETS if size <= min(cap, fits)]
+    return max(floor, sizes[-1] if sizes else floor)
 
 
 def attention_bucket(positions: int, slot_len: int) -> int:
