@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -31,6 +32,7 @@ from .voices_routes import router as voices_router
 
 log = logging.getLogger("voxcpm_api")
 OWNER_RETRY_INTERVAL_S = 2.0
+IO_THREADS = 64  # the event loop's default executor
 
 DESCRIPTION = """
 Text-to-speech with OpenBMB VoxCPM and hot-switched LoRA adapters.
@@ -94,6 +96,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskS
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # asyncio.to_thread's pool (validation, SQLite, encoding, file writes): the default, cpu_count + 4 threads,
+        # queued quick store reads behind encodes and fsyncs once dozens of requests were in flight
+        io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="io")
+        asyncio.get_running_loop().set_default_executor(io_pool)
         settings.output_dir.mkdir(parents=True, exist_ok=True)
         task_store = store or TaskStore(settings.database_path)
         catalog = LoRACatalog(settings.lora_dir)
@@ -112,6 +118,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskS
             lock.release()
             if store is None:
                 task_store.close()
+            io_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="VoxCPM LoRA TTS API", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)

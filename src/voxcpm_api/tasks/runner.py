@@ -100,6 +100,10 @@ class EngineRunner:
         self._running: set[str] = set()  # task ids this process is generating right now
         self.load_error: str | None = None
         self.loaded = asyncio.Event()
+        # measured speed for ETAs, kept here and written to the store by the heartbeat (other worker processes
+        # read it there): one SQLite transaction per finished task on the event loop cost every request
+        self._speed: dict[str, float] = {}
+        self._speed_dirty = False
 
     @property
     def info(self) -> EngineInfo | None:
@@ -130,7 +134,10 @@ class EngineRunner:
         if requeued or failed:
             log.warning("recovered interrupted tasks: %d re-queued, %d failed after too many attempts",
                         requeued, failed)
+        known = self._store.get_meta("speed", {}) or {}  # an earlier run's measurements on this machine
+        self._speed = {k: float(v) for k, v in known.items() if isinstance(v, (int, float))}  # type: ignore[union-attr]
         await self._measure_speed(engine)
+        self._flush_speed()
         self._store.set_meta("engine", {"loaded": True, "pid": os.getpid(), "heartbeat": time.time()})
         self.loaded.set()
         log.info("model ready: %s (%s, %d Hz, %s), %d generation(s) at once", info.model_id, info.architecture,
@@ -154,6 +161,7 @@ class EngineRunner:
             await asyncio.to_thread(self._progress_writer.close)
         for task_id in list(self._running):
             self._store.requeue_interrupted_one(task_id)
+        self._flush_speed()
         self._store.set_meta("engine", {"loaded": False, "pid": os.getpid(), "heartbeat": 0})
         close = getattr(self._engine, "close", None) if is_concurrent(self._engine) else None
         if close is not None:  # a batched engine's loop thread
@@ -239,9 +247,22 @@ class EngineRunner:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
-            state = self._store.get_meta("engine", {}) or {}
-            state.update(heartbeat=time.time(), pid=os.getpid())  # type: ignore[union-attr]
-            await asyncio.to_thread(self._store.set_meta, "engine", state)
+            await asyncio.to_thread(self._beat)
+
+    def _beat(self) -> None:
+        state = self._store.get_meta("engine", {}) or {}
+        state.update(heartbeat=time.time(), pid=os.getpid())  # type: ignore[union-attr]
+        self._store.set_meta("engine", state)
+        self._flush_speed()
+
+    def _flush_speed(self) -> None:
+        if self._speed_dirty:
+            self._speed_dirty = False
+            self._store.set_meta("speed", dict(self._speed))
+
+    def speed_stats(self) -> dict[str, float]:
+        """seconds_per_patch and patches_per_char measured on this machine (EWMA), for estimates."""
+        return dict(self._speed)
 
     async def _watch_cancellations(self) -> None:
         # Cancels requested through another worker process arrive via the store.
@@ -278,13 +299,13 @@ class EngineRunner:
             self._record_speed((time.monotonic() - started) / counter[0], None)
 
     def _record_speed(self, seconds_per_patch: float, patches_per_char: float | None) -> None:
-        stats = dict(self._store.get_meta("speed", {}) or {})  # type: ignore[arg-type]
+        stats = self._speed
         old = stats.get("seconds_per_patch")
         stats["seconds_per_patch"] = seconds_per_patch if old is None else 0.7 * old + 0.3 * seconds_per_patch
         if patches_per_char is not None:
             old_ppc = stats.get("patches_per_char")
             stats["patches_per_char"] = patches_per_char if old_ppc is None else 0.7 * old_ppc + 0.3 * patches_per_char
-        self._store.set_meta("speed", stats)
+        self._speed_dirty = True
 
     async def _worker(self, index: int) -> None:
         while True:
@@ -455,22 +476,25 @@ class EngineRunner:
         return [prefix + c for c in split_text(rest, max(20, max_chars - len(prefix)))]
 
     async def _finish(self, record: TaskRecord, synthesized: Synthesized) -> None:
+        await asyncio.to_thread(self._store_result, record, synthesized)  # one thread hop: encode, write, record
+
+    def _store_result(self, record: TaskRecord, synthesized: Synthesized) -> None:
+        """Worker thread: encode, write the file atomically, complete the task (or fail it)."""
         fmt = record.params.response_format.value
         file_name = audio_file_name(record.task_id, FILE_EXTENSIONS[fmt].lstrip("."))
         try:
-            data = await asyncio.to_thread(encode_audio, synthesized.samples, synthesized.sample_rate_hz, fmt)
-            await asyncio.to_thread(write_atomic, self._config.output_dir / file_name, data)
+            data = encode_audio(synthesized.samples, synthesized.sample_rate_hz, fmt)
+            write_atomic(self._config.output_dir / file_name, data)
         except Exception as exc:
             log.exception("task %s: encoding or writing failed", record.task_id)
-            await asyncio.to_thread(self._store.fail, record.task_id, error=f"could not write the audio file: {exc}",
-                                    error_status=500)
+            self._store.fail(record.task_id, error=f"could not write the audio file: {exc}", error_status=500)
             return
         duration_s = len(synthesized.samples) / synthesized.sample_rate_hz
         wall_s = time.time() - (record.started_at or record.created_at)
         self._events.generation_finished("task", "completed", duration_s, wall_s, record.params.lora_name,
                                          record.params.voice)
-        await asyncio.to_thread(
-            self._store.complete, record.task_id, audio_file=file_name,
+        self._store.complete(
+            record.task_id, audio_file=file_name,
             sample_rate_hz=encoded_sample_rate_for(fmt, synthesized.sample_rate_hz),
             duration_s=round(duration_s, 3), num_patches=synthesized.num_patches,
             message="Speech synthesized successfully",

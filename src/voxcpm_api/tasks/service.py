@@ -171,7 +171,8 @@ class TaskService:
 
     def _estimate_s(self, text: str) -> float:
         """Own generation time from measured speed on this machine, plus the queue ahead."""
-        stats = self.store.get_meta("speed", {}) or {}
+        runner = self.runner  # the engine owner knows it without a database read
+        stats = runner.speed_stats() if runner is not None else self.store.get_meta("speed", {}) or {}
         assert isinstance(stats, dict)
         per_patch = float(stats.get("seconds_per_patch", DEFAULT_SECONDS_PER_PATCH))
         per_char = float(stats.get("patches_per_char", DEFAULT_PATCHES_PER_CHAR))
