@@ -92,3 +92,29 @@ def test_a_failed_capture_leaves_the_rest_to_requests() -> None:
     assert len(model.calls) == 3
     assert engine.stats()["captures_deferred"] == 0
     assert engine.stats()["all_captured_s"] is not None
+
+
+def test_deferred_captures_wait_for_a_quiet_loop() -> None:
+    """A capture cannot be interrupted: one started between a busy client's back-to-back requests delayed the
+    next request by up to a capture. The loop thread starts one only after CAPTURE_QUIET_S without a step."""
+    import threading
+
+    import torch
+
+    model = StubModel()
+    model.device = torch.device("cpu")  # type: ignore[attr-defined]
+    engine = engine_with(model)
+    engine._queue_captures(with_lora=False)
+    engine._busy_at = time.perf_counter()  # as if a decode step had just run
+    loop = threading.Thread(target=engine._loop, daemon=True)
+    loop.start()
+    try:
+        time.sleep(engine_module.CAPTURE_QUIET_S * 0.6)
+        assert model.calls == []  # still within the quiet period after the last step
+        deadline = time.perf_counter() + 10
+        while engine._deferred_captures and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        assert not engine._deferred_captures and model.calls  # then the queue drains
+    finally:
+        engine._closed.set()
+        loop.join(timeout=10)

@@ -59,6 +59,9 @@ DECODE_AUDIO_S_PER_CALL = 120.0  # padded audio seconds per batched AudioVAE dec
 DEFERRED_PREFILL_PROMPTS = (1, 2, 4, 8, 16)  # 16: the service's default rows per device
 DEFERRED_PREFILL_LENGTHS = (32, 64, 128)
 GIL_SWITCH_INTERVAL_S = 0.0005  # on a GPU: how long another thread may keep the loop thread waiting for the GIL
+# A deferred graph capture (~0.3 s on an H100, not interruptible) starts only after this long without a decode
+# step: between the back-to-back requests of a busy client it delayed nearly every one by up to a capture
+CAPTURE_QUIET_S = 1.0
 NOISE_BLOCK_PATCHES = 16  # CFM noise drawn ahead per row and torch call (see _draw_noise)
 
 
@@ -159,6 +162,7 @@ class BatchedEngine:
         # ("prefill", prompts, positions, False); see load() and _queue_captures()
         self._deferred_captures: deque[tuple[str, int, int, bool]] = deque()
         self._load_started = 0.0
+        self._busy_at = 0.0  # perf_counter of the loop's last decode step (deferred captures wait for quiet)
         self.all_captured_s: float | None = None  # start of load() to the last deferred capture
 
     # ------------------------------------------------------------------ Engine protocol
@@ -499,7 +503,8 @@ class BatchedEngine:
                     self._admit()
                     if self._sched.running:
                         self._decode_step()
-                    elif self._deferred_captures:
+                        self._busy_at = time.perf_counter()
+                    elif self._deferred_captures and time.perf_counter() - self._busy_at >= CAPTURE_QUIET_S:
                         self._capture_deferred()
                     else:
                         self._publish()
