@@ -113,3 +113,29 @@ def test_a_reference_is_encoded_in_the_callers_thread_while_the_batch_keeps_step
         assert sum(began <= at <= ended for at in patches) >= 3  # the batch stepped during the encode
     finally:
         engine.close()
+
+
+@pytest.mark.xdist_group("batched-parity-voxcpm")
+def test_preloaded_adapters_are_in_slots_before_the_first_request(tiny_root: Path, tiny_checkpoints) -> None:
+    """BatchedConfig.preload_adapters (the service passes the LoRA folder's first ones): a GPU engine loads them
+    at start so no request's adapter changes the captured graphs. The preload itself runs here on the CPU
+    (load() calls it only where graphs exist); a broken adapter is skipped, the rest still load."""
+    from dataclasses import replace
+
+    from voxcpm_api.api.app import preload_specs
+    from voxcpm_api.lora.catalog import LoRACatalog
+
+    specs = preload_specs(LoRACatalog(tiny_checkpoints.lora_roots["voxcpm"]), 8)
+    assert len(specs) >= 2
+    broken = replace(specs[0], name="broken", weights_file=specs[0].weights_file.with_name("absent.safetensors"))
+    engine = BatchedEngine(BatchedConfig(model="tiny", device="cpu", max_rows=2, cache_dir=tiny_root,
+                                         preload_adapters=(broken, *specs[:2])))
+    engine.load()
+    try:
+        assert engine._preload_adapters() == 2  # noqa: SLF001 - what load() does on a GPU
+        assert engine.stats()["adapter_slot_loads"] == 2
+        request = ChunkRequest(text="Preloaded.", adapter=specs[1], cfg_scale=2.0, steps=2, seed=3, max_patches=3)
+        assert engine.generate(request, lambda: None).size > 0
+        assert engine.stats()["adapter_slot_loads"] == 2  # the request found its adapter in a slot
+    finally:
+        engine.close()

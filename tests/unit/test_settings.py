@@ -140,3 +140,28 @@ def test_compile_is_on_by_default_for_the_batched_engine_only() -> None:
     assert Settings(engine="official", compile=True).effective_compile is True
     assert settings_from_args(["--no-compile"])[0].effective_compile is False
     assert settings_from_args(["--compile", "--engine", "official"])[0].effective_compile is True
+
+
+def test_the_first_adapters_that_resolve_are_preloaded(tmp_path) -> None:
+    """A GPU engine puts them into its slots at load (engine._preload_adapters); a broken one is skipped."""
+    import json
+    import struct
+
+    from voxcpm_api.api.app import preload_specs
+    from voxcpm_api.lora.catalog import LoRACatalog
+
+    def adapter(name: str, header: dict) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        raw = json.dumps(header).encode()
+        (folder / "lora_weights.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+        (folder / "lora_config.json").write_text(json.dumps({"r": 4, "alpha": 8}))
+
+    good = {"base_lm.layers.0.self_attn.q_proj.lora_A": {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 0]},
+            "base_lm.layers.0.self_attn.q_proj.lora_B": {"dtype": "F32", "shape": [8, 4], "data_offsets": [0, 0]}}
+    adapter("a", good)
+    adapter("b", {"not_lora": {"dtype": "F32", "shape": [1], "data_offsets": [0, 0]}})
+    adapter("c", good)
+    adapter("d", good)
+    assert [s.name for s in preload_specs(LoRACatalog(tmp_path), 2)] == ["a", "c"]
+    assert [s.name for s in preload_specs(LoRACatalog(tmp_path / "missing"), 8)] == []

@@ -15,7 +15,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from .. import __version__
 from ..config import Settings
 from ..engine.base import Engine
-from ..lora.catalog import LoRACatalog
+from ..errors import VoxError
+from ..lora.catalog import AdapterSpec, LoRACatalog
 from ..tasks.events import Events
 from ..tasks.ownership import EngineLock
 from ..tasks.runner import EngineRunner, RunnerConfig
@@ -64,12 +65,14 @@ def default_engine_factory(settings: Settings) -> Callable[[], Engine]:
 
         devices = settings.engine_devices or visible_devices()
         rows = settings.rows_per_engine(len(devices))
+        preload = preload_specs(LoRACatalog(settings.lora_dir), settings.lora_slots)
         engines = [BatchedEngine(BatchedConfig(model=settings.model, device=device, max_rows=rows,
                                                lora_slots=settings.lora_slots, max_seq_len=settings.max_seq_len,
                                                cuda_graphs=settings.cuda_graphs, compile=settings.effective_compile,
                                                cache_dir=cache_dir,
                                                feature_cache_dir=cache_dir / "prompt_features",
-                                               lora_cache_size=settings.lora_cache_size))
+                                               lora_cache_size=settings.lora_cache_size,
+                                               preload_adapters=preload))
                    for device in devices]
         log.info("batched engine: %s row(s) on each of %s", rows if rows is not None else "auto", ", ".join(devices))
         if len(engines) == 1:
@@ -79,6 +82,21 @@ def default_engine_factory(settings: Settings) -> Callable[[], Engine]:
         return EnginePool(engines)
 
     return build
+
+
+def preload_specs(catalog: LoRACatalog, count: int) -> tuple[AdapterSpec, ...]:
+    """The first `count` adapters of the LoRA folder that resolve (a GPU engine puts them into its slots at
+    load, so the first requests using them change no captured graph); broken ones are left to requests,
+    which get the 4xx naming the problem."""
+    specs: list[AdapterSpec] = []
+    for name in catalog.list_names():
+        if len(specs) >= count:
+            break
+        try:
+            specs.append(catalog.resolve(name))
+        except VoxError as exc:
+            log.warning("adapter %s is not preloaded: %s", name, exc.message)
+    return tuple(specs)
 
 
 def visible_devices() -> list[str]:

@@ -85,6 +85,9 @@ class BatchedConfig:
     # the DiT's LoRA term per request segment (lora_kernels.lora_linear_segments) instead of every slot's for
     # every row: off until a GPU measures it (bench: --engine-opt lora_segments=true; ADR 0008)
     lora_segments: bool = False
+    # adapters put into GPU slots at load (GPU with graphs only; see _preload_adapters): the service passes the
+    # first lora_slots adapters of --lora-dir
+    preload_adapters: tuple[AdapterSpec, ...] = ()
 
 
 class _Intercepted(Exception):
@@ -217,13 +220,16 @@ class BatchedEngine:
             lap("wrap")
             clock.phases.update({f"wrap_{name}": seconds for name, seconds in self._model.init_phases_s.items()})
             if self._model.use_graphs:
+                # Adapters named at start wrap their layers now: a first adapter arriving with traffic would
+                # drop every captured graph (the wrapped layers are new buffers) and queue them all again
+                preloaded = self._preload_adapters()
                 # One graph before ready: its capture compiles every region the decode step runs (a compiled
                 # model: the few variants each region has, ~3 s each on a first start). The other row
                 # buckets and attention lengths only capture (~0.3 s each): the loop thread does them while
                 # idle after ready, and a request that needs one before that captures it (ADR 0009).
                 buckets, lens = self._capture_shapes()
                 self._model.warm_up(buckets[:1], lens[:1], self.config.capture_solver_steps)
-                self._queue_captures(with_lora=False)
+                self._queue_captures(with_lora=preloaded > 0)
                 lap("compile_and_capture" if self._model.compiled else "capture")
             if self._model.compiled or self._model.use_graphs:
                 # the first prefill's one-time work (its graph, SDPA, the allocator) now, not in the first request
@@ -255,6 +261,21 @@ class BatchedEngine:
                  device, self.ready_s, self._rows, self.config.max_seq_len, self.config.lora_slots,
                  self._model.use_graphs)
         return self._info
+
+    def _preload_adapters(self) -> int:
+        """Load thread, before the loop starts: BatchedConfig.preload_adapters into host memory and GPU slots
+        (at most lora_slots). One that does not fit the model is skipped with a warning. Returns how many."""
+        loaded = 0
+        for spec in self.config.preload_adapters[: self.config.lora_slots]:
+            try:
+                self._register(spec)
+                loaded += 1
+            except Exception as exc:  # a broken adapter in the folder must not stop the start
+                reason = exc.message if isinstance(exc, errors.VoxError) else _short(exc)
+                log.warning("adapter %s not preloaded: %s", spec.name, reason)
+        if loaded:
+            log.info("%d adapter(s) preloaded into GPU slots", loaded)
+        return loaded
 
     def _size_rows(self, tts: Any, device: torch.device) -> None:
         """BatchedConfig.max_rows None on a GPU: as many rows as half its free memory holds (see
