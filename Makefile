@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-$(shell cat requirements_api.txt requirements-dev.txt | s
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench bench-engine venv system-deps clean
+.PHONY: serve test bench bench-engine bench-serve venv system-deps clean
 
 venv: $(STAMP)
 
@@ -42,20 +42,31 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 
 # On a CUDA machine: the engine benchmark (official package vs batched engine, both models, results in
-# bench/results/engine-*); always: the service-overhead benchmark (bench/results/service-cpu.*).
+# bench/results/engine-*), then the served product over HTTP for both models (bench/results/serve-*; it runs
+# its own engine baseline, so its ratios come from one run; SERVE_ARGS for its flags); always: the
+# service-overhead benchmark (bench/results/service-cpu.*).
 # Our engine runs with --compile (the committed results); BENCH_COMPILE= for the plain engine
 # (those results live in bench/results/no-compile: ARGS='--out-dir bench/results/no-compile').
 BENCH_COMPILE ?= --ours-compile
 # one more round under torch.profiler at 64 rows with 8 LoRAs and at one row (where launches, not FLOPs, set
 # the single-stream RTF): GPU kernel time by kind in the report, top kernels in profile-*.txt
 BENCH_PROFILE ?= --profile c64-lora8,c1-lora0
+SERVE_ARGS ?=
 bench: venv
 	@if $(VPY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
-	  $(VPY) bench/bench_engine.py --model voxcpm1.5 $(BENCH_COMPILE) $(BENCH_PROFILE) $(ARGS) && $(VPY) bench/bench_engine.py --model voxcpm2 $(BENCH_COMPILE) $(BENCH_PROFILE) $(ARGS); \
-	else echo "no CUDA GPU here: skipping the engine benchmark (make bench-engine ARGS='--tiny --device cpu' smoke-tests it)"; fi
+	  $(VPY) bench/bench_engine.py --model voxcpm1.5 $(BENCH_COMPILE) $(BENCH_PROFILE) $(ARGS) && $(VPY) bench/bench_engine.py --model voxcpm2 $(BENCH_COMPILE) $(BENCH_PROFILE) $(ARGS) \
+	  && $(VPY) bench/bench_serve.py --model voxcpm1.5 $(SERVE_ARGS) && $(VPY) bench/bench_serve.py --model voxcpm2 $(SERVE_ARGS); \
+	else echo "no CUDA GPU here: skipping the engine and served benchmarks (make bench-engine / bench-serve ARGS='--tiny --device cpu' smoke-test them)"; fi
 	$(VPY) bench/bench_service.py
 
 # Official package vs our batched engine on one GPU; e.g. make bench-engine ARGS='--model voxcpm2'
 # (CPU smoke test: ARGS='--model voxcpm1.5 --tiny --device cpu --out-dir /tmp/benchtest')
 bench-engine: venv
 	$(VPY) bench/bench_engine.py $(ARGS)
+
+# The served product over HTTP: start_api.py under load from bench/serve_load.py (closed loops, streams, an
+# open-loop sweep, a mix of every request kind), with the engine baseline of the same run; ~9 min per model
+# on an H100. E.g. make bench-serve ARGS='--model voxcpm2' (results in bench/results/serve-*);
+# CPU smoke test: ARGS='--tiny --device cpu --skip-engine --out-dir /tmp/serve-smoke'
+bench-serve: venv
+	$(VPY) bench/bench_serve.py $(ARGS)
