@@ -548,7 +548,8 @@ class BatchedEngine:
         after an adapter changed the wrapped layers (which drops every graph), then with the LoRA graphs."""
         buckets, lens = self._capture_shapes()
         self._deferred_captures.clear()
-        for lora in (False, True) if with_lora else (False,):
+        # with adapters resident the LoRA graphs first: a step runs one whenever any of its rows has an adapter
+        for lora in (True, False) if with_lora else (False,):
             self._deferred_captures.extend(("step", rows, n, lora) for n in lens for rows in buckets)
         self._deferred_captures.extend(("prefill", prompts, n, False) for n in DEFERRED_PREFILL_LENGTHS
                                        for prompts in DEFERRED_PREFILL_PROMPTS if prompts <= self._rows)
