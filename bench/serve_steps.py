@@ -420,5 +420,27 @@ def run_profile(args: argparse.Namespace, shape: dict, report: Report, deadline:
             entry["died"] = {"returncode": server.proc.returncode, "log_tail": server.log_tail()}
             report.note("errors", f"profile {name}: the server died (exit {server.proc.returncode}); log tail in "
                                   f"the report, whole log {server.log_path}")
+        if server.alive():
+            entry["engine_metrics"] = engine_metrics(server.url)
         server.stop()
         report.save()
+
+
+def engine_metrics(url: str) -> dict[str, float]:
+    """The server's voxcpm_engine_* series at the end of a profile (decode steps, rows stepped, seconds per
+    phase of the loop thread): where the engine's time went while the clients drove it."""
+    import httpx
+
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(("voxcpm_engine_", "voxcpm_batch_rows")) and " " in line:
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+    return out
