@@ -121,7 +121,8 @@ def test_default_engine_factory_builds_batched_engines_per_device(tmp_path: Path
                                           cuda_graphs=False))()  # type: ignore[arg-type]
     assert isinstance(one, BatchedEngine)
     assert (one.config.device, one.config.max_rows, one.config.lora_slots, one.config.max_seq_len,
-            one.config.cuda_graphs) == ("cpu", 16, 3, 1024, False)
+            one.config.cuda_graphs) == ("cpu", None, 3, 1024, False)  # rows: the engine decides
+    assert one.max_rows == 16  # on a CPU; a GPU engine sizes its rows from free memory when it loads
     assert one.config.feature_cache_dir == tmp_path / "cache" / "prompt_features"
     pool = default_engine_factory(Settings(**common, devices="cpu,cpu", max_concurrent=6))()  # type: ignore[arg-type]
     assert isinstance(pool, EnginePool) and pool.max_rows == 6

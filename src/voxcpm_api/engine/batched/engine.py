@@ -818,36 +818,31 @@ class BatchedEngine:
         self._sched.advance(slots)
         callbacks_started = time.perf_counter()
         finished: list[_Job] = []  # decoded together, in the decode thread
+        streamed: list[tuple[_Job, torch.Tensor]] = []  # streaming rows' audio of this step, still on the device
+        stream_ends: list[_Job] = []  # streaming rows that ended this step: done once their audio is out
         for rid, slot in slots.items():
             job = self._jobs[rid]
             job.patches += 1
             index = job.patches - 1
-            try:
-                if job.on_audio is not None:
-                    job.on_audio(self._stream_patch(job, slot))
-                if job.on_patch is not None:
-                    job.on_patch()
-            except errors.VoxError as exc:  # TaskCancelled, ClientGone, ShutdownRequested: this row alone ends
-                self._finish(job, exc)
-                continue
-            except Exception as exc:  # a broken callback fails its own row, like any engine failure
-                log.exception("row callback failed")
-                failure = errors.EngineFailure(f"generation failed: {_short(exc)}")
-                failure.__cause__ = exc
-                self._finish(job, failure)
+            if job.on_audio is not None:
+                if not self._row_callback(job, lambda job=job, slot=slot: streamed.append(
+                        (job, self._stream_patch(job, slot)))):
+                    continue
+            elif job.on_patch is not None and not self._row_callback(job, job.on_patch):
                 continue
             prefilled = job.prefilled
             assert prefilled is not None and job.inputs is not None
             if (index > job.inputs.min_len and stops[slot] == 1) or job.patches >= job.max_len:
+                self._release(job)
+                if job.on_audio is not None:
+                    stream_ends.append(job)  # streamed: its audio goes out patch by patch
+                    continue
                 generated = model.latents[slot, : job.patches].clone()
                 context = prefilled.context
                 job.latents = torch.cat([torch.stack(context), generated]) if context else generated
                 job.drop_patches = prefilled.context_len
-                self._release(job)
-                if job.on_audio is not None:
-                    self._end(job, None)  # streamed: its audio went out patch by patch
-                else:
-                    finished.append(job)
+                finished.append(job)
+        self._deliver_audio(streamed, stream_ends)
         if finished:
             latents_ready = None
             if model.device.type == "cuda":  # the decode thread's stream waits for the copies above
@@ -856,6 +851,36 @@ class BatchedEngine:
             self._decode_q.put((finished, latents_ready))
         self._record("callbacks", callbacks_started)
         self._publish()
+
+    def _row_callback(self, job: _Job, callback: Callable[[], object]) -> bool:
+        """Run one row's callback; a raise ends that row alone (False)."""
+        try:
+            callback()
+        except errors.VoxError as exc:  # TaskCancelled, ClientGone, ShutdownRequested: this row alone ends
+            self._finish(job, exc)
+            return False
+        except Exception as exc:  # a broken callback fails its own row, like any engine failure
+            log.exception("row callback failed")
+            failure = errors.EngineFailure(f"generation failed: {_short(exc)}")
+            failure.__cause__ = exc
+            self._finish(job, failure)
+            return False
+        return True
+
+    def _deliver_audio(self, streamed: list[tuple[_Job, torch.Tensor]], ended: list[_Job]) -> None:
+        """Hand each streaming row its patch's samples: one copy to the host for all of them (a device sync
+        per row made dozens of concurrent streams set the step time), then the rows that ended are done."""
+        if streamed:
+            host = torch.cat([audio for _, audio in streamed]).cpu().numpy()
+            offset = 0
+            for job, audio in streamed:
+                samples = host[offset: offset + audio.numel()].copy()
+                offset += audio.numel()
+                if not job.done.is_set():  # failed meanwhile: its audio goes nowhere
+                    self._row_callback(job, lambda job=job, samples=samples: job.on_audio(samples))  # type: ignore[misc]
+        for job in ended:
+            if not job.done.is_set():
+                self._end(job, None)
 
     def _draw_noise(self, job: _Job) -> np.ndarray:
         """One patch's CFM noise, (feat_dim, patch) float32: the official CFM draws
@@ -896,8 +921,9 @@ class BatchedEngine:
             return StreamingVAEDecoder(self._stream_vae)
         return list(prefilled.context)  # VoxCPM 1.x: the window of recent patches
 
-    def _stream_patch(self, job: _Job, slot: int) -> np.ndarray:
-        """This row's newest patch as audio, exactly as the official streaming generator yields it."""
+    def _stream_patch(self, job: _Job, slot: int) -> torch.Tensor:
+        """This row's newest patch as audio, exactly as the official streaming generator yields it: (n,) float32
+        on the device (_deliver_audio copies every streaming row's to the host at once)."""
         model = self._model
         assert model is not None
         pred = model.out_feat[slot]  # (P, D)
@@ -909,14 +935,14 @@ class BatchedEngine:
                 audio = decoder.decode_chunk(latent)
             finally:
                 decoder._restore()
-            return np.ascontiguousarray(audio.reshape(-1).float().cpu().numpy(), dtype=np.float32)
+            return audio.reshape(-1).float()
         window: list[torch.Tensor] = job.stream_state
         window.append(pred.clone())
         del window[:-3]  # VoxCPMModel's streaming_prefix_len
         feat = torch.stack(window).permute(2, 0, 1).reshape(1, pred.shape[1], -1)  # (1, D, n * P)
         audio = self._inner.tts_model.audio_vae.decode(feat.to(torch.float32))
         samples = audio[..., -self._drop_samples_per_patch():]
-        return np.ascontiguousarray(samples.reshape(-1).float().cpu().numpy(), dtype=np.float32)
+        return samples.reshape(-1).float()
 
     # ------------------------------------------------------------------ ending rows
 
