@@ -262,6 +262,7 @@ class BatchedEngine:
                  self._model.use_graphs)
         return self._info
 
+    @torch.inference_mode()  # as on the loop thread, where registration runs otherwise
     def _preload_adapters(self) -> int:
         """Load thread, before the loop starts: BatchedConfig.preload_adapters into host memory and GPU slots
         (at most lora_slots). One that does not fit the model is skipped with a warning. Returns how many."""
