@@ -59,7 +59,7 @@ def test_start_up_queue_holds_every_step_graph_then_the_common_prefills() -> Non
     drain(engine)
     steps = [c for c in model.calls if c[0] == "step"]
     solver_steps = engine.config.capture_solver_steps
-    assert steps == [("step", rows, n, solver_steps, False) for n in (256, 512) for rows in buckets]
+    assert steps == [("step", rows, n, solver_steps, False) for n in (256, 512) for rows in reversed(buckets)]
     prefills = [c for c in model.calls if c[0] == "prefill"]
     assert prefills == [("prefill", p, n) for n in engine_module.DEFERRED_PREFILL_LENGTHS
                         for p in engine_module.DEFERRED_PREFILL_PROMPTS]

@@ -549,9 +549,11 @@ class BatchedEngine:
         after an adapter changed the wrapped layers (which drops every graph), then with the LoRA graphs."""
         buckets, lens = self._capture_shapes()
         self._deferred_captures.clear()
-        # with adapters resident the LoRA graphs first: a step runs one whenever any of its rows has an adapter
+        # with adapters resident the LoRA graphs first: a step runs one whenever any of its rows has an adapter;
+        # the largest row buckets first: a burst of requests needs them at once, while a lone client's small
+        # bucket costs one capture on first use (and the first bucket is captured before ready)
         for lora in (True, False) if with_lora else (False,):
-            self._deferred_captures.extend(("step", rows, n, lora) for n in lens for rows in buckets)
+            self._deferred_captures.extend(("step", rows, n, lora) for n in lens for rows in reversed(buckets))
         self._deferred_captures.extend(("prefill", prompts, n, False) for n in DEFERRED_PREFILL_LENGTHS
                                        for prompts in DEFERRED_PREFILL_PROMPTS if prompts <= self._rows)
 
