@@ -228,7 +228,10 @@ def summarize(reqs: list[RequestTiming], round_walls: list[float]) -> dict:
 
 
 class Report:
-    """The results dict plus where it goes; save() rewrites JSON + Markdown atomically."""
+    """The results dict plus where it goes; save() rewrites JSON + Markdown atomically (a timeout still
+    leaves data). Subclasses (bench_serve.py) set `kind` and derive their own figures in `derive()`."""
+
+    kind = "engine"
 
     def __init__(self, data: dict, out_dir: Path) -> None:
         self.data = data
@@ -236,21 +239,27 @@ class Report:
 
     @property
     def stem(self) -> str:
-        return f"engine-{self.data['model_label']}-{slug(self.data.get('device_name') or self.data['device'])}"
+        return f"{self.kind}-{self.data['model_label']}-{slug(self.data.get('device_name') or self.data['device'])}"
 
     def note(self, section: str, message: str) -> None:
         self.data.setdefault(section, []).append(message)
         log(f"{section}: {message}")
 
-    def save(self) -> Path:
+    def derive(self) -> None:
         self.data["ratios"] = compute_ratios(self.data)
+
+    def markdown(self) -> str:
+        return render_markdown(self.data)
+
+    def save(self) -> Path:
+        self.derive()
         if not self.data.get("merged_from"):
             self.data["elapsed_s"] = rnd(time.perf_counter() - _T0, 1)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         json_path = self.out_dir / f"{self.stem}.json"
         md_path = self.out_dir / f"{self.stem}.md"
         _atomic_write(json_path, json.dumps(self.data, indent=2) + "\n")
-        _atomic_write(md_path, render_markdown(self.data))
+        _atomic_write(md_path, self.markdown())
         return md_path
 
 

@@ -57,36 +57,23 @@ for _p in (str(REPO / "src"), str(BENCH_DIR)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from bench_engine import _T0, Deadline, _atomic_write, log, rnd, slug  # noqa: E402  (_T0: our start)
+from bench_engine import Deadline, Report as EngineReport, log, rnd  # noqa: E402
 from serve_report import compute_targets, render_markdown  # noqa: E402
 from serve_steps import CHILDREN, GpuSampler, kill, run_profile, spawn  # noqa: E402
 
 SCHEMA = "voxcpm-bench-serve/1"
 
 
-class Report:
-    """The results dict; save() rewrites JSON + Markdown atomically (a timeout still leaves data)."""
+class Report(EngineReport):
+    """bench_engine's report (atomic JSON + Markdown after every step) with the served targets."""
 
-    def __init__(self, data: dict, out_dir: Path) -> None:
-        self.data = data
-        self.out_dir = out_dir
+    kind = "serve"
 
-    @property
-    def stem(self) -> str:
-        return f"serve-{self.data['model_label']}-{slug(self.data['device_name'])}"
-
-    def note(self, section: str, message: str) -> None:
-        self.data.setdefault(section, []).append(message)
-        log(f"{section}: {message}")
-
-    def save(self) -> Path:
+    def derive(self) -> None:
         self.data["targets"] = compute_targets(self.data)
-        self.data["elapsed_s"] = rnd(time.perf_counter() - _T0, 1)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.out_dir / f"{self.stem}.json", json.dumps(self.data, indent=2) + "\n")
-        md_path = self.out_dir / f"{self.stem}.md"
-        _atomic_write(md_path, render_markdown(self.data))
-        return md_path
+
+    def markdown(self) -> str:
+        return render_markdown(self.data)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,19 +38,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import pct  # noqa: E402  (standard library only at import time)
+
 WAV_HEADER_BYTES = 44  # the streamed WAV header (audio/streaming.py): everything after it is s16 mono
 LAG_TICK_S = 0.01
 FIELDS = ("kind", "lora", "sent_s", "first_byte_s", "done_s", "status", "audio_s", "bytes", "error")
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..1), as bench_engine.pct; p50 is the median."""
-    if not values:
-        return None
-    if q == 0.5:
-        return float(statistics.median(values))
-    ordered = sorted(values)
-    return float(ordered[max(0, math.ceil(q * len(ordered)) - 1)])
 
 
 def proc_cpu_s(pid: int) -> float | None:
