@@ -24,8 +24,9 @@ Steps (each skipped, and recorded as skipped, when its estimate does not fit in 
 
 The load comes from bench/serve_load.py, a separate process per step (asyncio + httpx); its own CPU use
 and event-loop lag are in every row, beside the server process's CPU (all its threads, /proc) and the
-GPU's utilisation and memory (nvidia-smi, once a second). Throughput counts the audio of the requests that
-completed inside the measured window (after --warmup-s, for --duration-s), over the window: not prorated.
+GPU's utilisation and memory (nvidia-smi, once a second). Throughput counts the audio of the requests
+in flight during the measured window (after --warmup-s, for --duration-s), each prorated by the share of
+its time in flight inside the window, over the window.
 
 Output: <out-dir>/serve-<model>-<device>.json and .md, rewritten after every step; the engine baseline's
 own report goes to <out-dir>/serve-engine/. Servers are always killed at the end (Ctrl-C, SIGTERM, errors;

@@ -134,7 +134,7 @@ def render_markdown(data: dict) -> str:
                "per request; adapters round-robin over the 8 and the base model unless said otherwise")
     load = (f"- load: bench/serve_load.py, one process per step (asyncio + httpx); closed loops skip the first "
             f"{s.get('warmup_s')} s and measure {s.get('duration_s')} s (streams {s.get('ttfb_duration_s')} s); "
-            "throughput = audio of the requests completed inside the window / the window (not prorated); "
+            "throughput = audio of the requests in flight in the window, each prorated by its share of time inside it, / the window; "
             "latency = request sent -> last byte; TTFB = request sent -> first body byte; RTF = latency / audio; "
             "errors over the whole step; cores = CPU seconds per wall second over the window")
     lines = [f"# Served-product benchmark: {data.get('model_label')} on {data.get('device_name')}", "",
