@@ -849,8 +849,7 @@ class BatchedEngine:
             job.patches += 1
             index = job.patches - 1
             if job.on_audio is not None:
-                if not self._row_callback(job, lambda job=job, slot=slot: streamed.append(
-                        (job, self._stream_patch(job, slot)))):
+                if not self._row_callback(job, lambda job=job, slot=slot: self._stream_patch(job, slot, streamed)):
                     continue
             elif job.on_patch is not None and not self._row_callback(job, job.on_patch):
                 continue
@@ -866,6 +865,7 @@ class BatchedEngine:
                 job.latents = torch.cat([torch.stack(context), generated]) if context else generated
                 job.drop_patches = prefilled.context_len
                 finished.append(job)
+        self._decode_windows(streamed)
         self._deliver_audio(streamed, stream_ends)
         if finished:
             latents_ready = None
@@ -945,9 +945,11 @@ class BatchedEngine:
             return StreamingVAEDecoder(self._stream_vae)
         return list(prefilled.context)  # VoxCPM 1.x: the window of recent patches
 
-    def _stream_patch(self, job: _Job, slot: int) -> torch.Tensor:
-        """This row's newest patch as audio, exactly as the official streaming generator yields it: (n,) float32
-        on the device (_deliver_audio copies every streaming row's to the host at once)."""
+    def _stream_patch(self, job: _Job, slot: int, streamed: list[tuple[_Job, torch.Tensor]]) -> None:
+        """Add this row's newest patch to `streamed`, exactly as the official streaming generator yields it.
+        VoxCPM2: its audio, (n,) float32 on the device, from the row's own streaming decoder. VoxCPM 1.x: the
+        row's window of recent patches, (D, n * P), which _decode_windows turns into audio for every streaming
+        row at once (_deliver_audio then copies all of it to the host in one go)."""
         model = self._model
         assert model is not None
         pred = model.out_feat[slot]  # (P, D)
@@ -959,14 +961,35 @@ class BatchedEngine:
                 audio = decoder.decode_chunk(latent)
             finally:
                 decoder._restore()
-            return audio.reshape(-1).float()
+            streamed.append((job, audio.reshape(-1).float()))
+            return
         window: list[torch.Tensor] = job.stream_state
         window.append(pred.clone())
         del window[:-3]  # VoxCPMModel's streaming_prefix_len
-        feat = torch.stack(window).permute(2, 0, 1).reshape(1, pred.shape[1], -1)  # (1, D, n * P)
-        audio = self._inner.tts_model.audio_vae.decode(feat.to(torch.float32))
-        samples = audio[..., -self._drop_samples_per_patch():]
-        return samples.reshape(-1).float()
+        streamed.append((job, torch.stack(window).permute(2, 0, 1).reshape(pred.shape[1], -1)))  # (D, n * P)
+
+    def _decode_windows(self, streamed: list[tuple[_Job, torch.Tensor]]) -> None:
+        """VoxCPM 1.x streaming rows: their windows (D, n * P), replaced in `streamed` by the newest patch's
+        audio, (n,) float32. Windows of one length share an AudioVAE call (rows are independent in the
+        decoder's batch, as in the decode thread's grouped decodes): one call per step, not one per row."""
+        if self._info is None or self._info.architecture == "voxcpm2" or not streamed:
+            return
+        by_length: dict[int, list[int]] = {}
+        for index, (_, window) in enumerate(streamed):
+            by_length.setdefault(int(window.shape[-1]), []).append(index)
+        keep = self._drop_samples_per_patch()
+        vae = self._inner.tts_model.audio_vae
+        for indices in by_length.values():
+            jobs = [streamed[i][0] for i in indices]
+            try:
+                feat = torch.stack([streamed[i][1] for i in indices]).to(torch.float32)  # (B, D, n * P)
+                audio = vae.decode(feat).reshape(len(indices), -1)[:, -keep:]
+            except Exception as exc:  # every row of the call fails alone, like a broken callback
+                for job in jobs:
+                    self._row_callback(job, lambda exc=exc: _raise(exc))
+                audio = torch.zeros(len(indices), 0)
+            for row, i in enumerate(indices):
+                streamed[i] = (streamed[i][0], audio[row].float())
 
     # ------------------------------------------------------------------ ending rows
 
@@ -1020,6 +1043,10 @@ class BatchedEngine:
                              self._sched.adapters.resident())
         with self._stats_lock:
             self._summary = summary
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def _used_on_this_stream(inputs: RowInputs) -> None:
