@@ -51,11 +51,16 @@ def resolve_reference_audio(name: str, roots: list[Path]) -> Path:
         raise Forbidden("ref_audio_path must not contain '..' or backslashes", field="ref_audio_path")
     for root in roots:
         root_resolved = root.resolve()
-        candidate = (root_resolved / relative).resolve()
-        if root_resolved not in candidate.parents:
+        try:
+            candidate = (root_resolved / relative).resolve()
+            inside = root_resolved in candidate.parents
+            found = inside and candidate.is_file()
+        except (OSError, RuntimeError):  # a name too long for the filesystem, a symlink loop: nothing there
+            inside, found = True, False
+        if not inside:
             raise Forbidden("ref_audio_path resolves outside the reference audio directories",
                             field="ref_audio_path")
-        if candidate.is_file():
+        if found:
             return candidate
     raise FileMissing(
         f"reference audio '{name}' not found in the reference audio directories "
@@ -63,10 +68,19 @@ def resolve_reference_audio(name: str, roots: list[Path]) -> Path:
 
 
 def resolve_download(output_dir: Path, file_name: str) -> Path:
-    """Only names matching our own output pattern, directly inside output_dir."""
+    """Only names matching our own output pattern, directly inside output_dir.
+
+    A symlink there that leads out of output_dir is answered like a missing file, whether or not
+    its target exists.
+    """
     if not AUDIO_FILE_RE.fullmatch(file_name or ""):
         raise FileMissing("file not found")
-    path = output_dir.resolve() / file_name
-    if not path.is_file():
+    root = output_dir.resolve()
+    path = root / file_name
+    try:
+        found = path.resolve().parent == root and path.is_file()
+    except (OSError, RuntimeError):  # a symlink loop
+        found = False
+    if not found:
         raise FileMissing("file not found")
     return path

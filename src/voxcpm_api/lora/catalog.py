@@ -111,6 +111,10 @@ class LoRACatalog:
     def resolve(self, name: str) -> AdapterSpec:
         """Name -> AdapterSpec. Refuses traversal (403) and unknown names (404)."""
         directory = self._safe_dir(name)
+        root = self.root.resolve()
+        for file_name in (SAFETENSORS_NAME, CKPT_NAME, CONFIG_NAME):  # a symlink out: refused, target or not
+            if not _resolves_inside(directory / file_name, root):
+                raise Forbidden(f"LoRA '{name}': {file_name} points outside the LoRA directory", field="lora_name")
         weights = directory / SAFETENSORS_NAME
         if not weights.is_file():
             weights = directory / CKPT_NAME
@@ -155,12 +159,25 @@ class LoRACatalog:
         if "\\" in name or "\x00" in name or name.startswith("/") or ".." in Path(name).parts:
             raise Forbidden(f"lora_name '{name}' must be a relative name under the LoRA directory", field="lora_name")
         root = self.root.resolve()
-        candidate = (root / name).resolve()
-        if candidate != root and root not in candidate.parents:
+        try:
+            candidate = (root / name).resolve()
+            inside = candidate == root or root in candidate.parents
+            found = inside and candidate.is_dir()
+        except (OSError, RuntimeError):  # a name too long for the filesystem, a symlink loop: nothing there
+            inside, found = True, False
+        if not inside:
             raise Forbidden(f"lora_name '{name}' points outside the LoRA directory", field="lora_name")
-        if not candidate.is_dir():
+        if not found:
             raise LoRANotFound(f"LoRA '{name}' not found; see GET /loras", field="lora_name")
         return candidate
+
+
+def _resolves_inside(path: Path, root: Path) -> bool:
+    """False for a path (present or not) whose symlinks lead out of root."""
+    try:
+        return root in path.resolve().parents
+    except (OSError, RuntimeError):  # a symlink loop: not followed anywhere
+        return True
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:

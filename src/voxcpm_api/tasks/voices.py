@@ -488,8 +488,8 @@ class VoiceLibrary:
         if voice.transcript is None and info is not None and info.needs_ref_text:
             raise InvalidInput(f"voice '{voice.name}' has no transcript, which this model (VoxCPM 1.x) needs; "
                                "re-create the voice with a transcript", field="voice")
-        path = Path(voice.ref_audio_path)
-        if not path.is_file():
+        path = Path(voice.ref_audio_path)  # resolved: a symlink out of the voices dir reads as missing
+        if path.parent != self.store.voices_dir or not path.is_file():
             raise FileMissing(f"the audio of voice '{voice.name}' is missing on the server; delete and re-create "
                               "the voice", field="voice")
         explicit = _explicit_fields(request)
