@@ -23,6 +23,7 @@ from ..tasks.runner import EngineRunner, RunnerConfig
 from ..tasks.service import TaskService
 from ..tasks.store import TaskStore
 from .auth import ApiKeyMiddleware
+from .docs import install_docs
 from .errors import install_error_handlers
 from .metrics import PrometheusEvents, RequestMetricsMiddleware, router as metrics_router
 from .playground import router as playground
@@ -138,7 +139,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskS
                 task_store.close()
             io_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="VoxCPM LoRA TTS API", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc come from api/docs.py: the same URLs, their assets served by this server (no CDN)
+    app = FastAPI(title="VoxCPM LoRA TTS API", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     install_error_handlers(app)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
@@ -154,6 +157,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: TaskS
     app.include_router(voices_router)
     app.include_router(metrics_router)
     app.include_router(playground)
+    install_docs(app, api_key=bool(settings.api_key))
     return app
 
 
