@@ -139,3 +139,45 @@ def test_preloaded_adapters_are_in_slots_before_the_first_request(tiny_root: Pat
         assert engine.stats()["adapter_slot_loads"] == 2  # the request found its adapter in a slot
     finally:
         engine.close()
+
+
+@pytest.mark.xdist_group("batched-parity-voxcpm")
+def test_a_failed_stream_window_decode_fails_only_the_streaming_rows(tiny_root: Path) -> None:
+    """VoxCPM 1.x streaming rows share one AudioVAE call per window length each step (_decode_windows); when it
+    raises, those rows fail alone and a file row stepping beside them still completes."""
+    engine = BatchedEngine(BatchedConfig(model="tiny", device="cpu", max_rows=4, cache_dir=tiny_root))
+    engine.load()
+    vae = engine._inner.tts_model.audio_vae  # noqa: SLF001 - a decoder that breaks on stream windows only
+    real_decode = vae.decode
+
+    def decode(feat, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if feat.shape[-1] <= 3 * engine._model.patch:  # noqa: SLF001 - a window of at most 3 patches
+            raise RuntimeError("simulated decoder failure")
+        return real_decode(feat, *args, **kwargs)
+
+    vae.decode = decode
+    try:
+        outcome: dict[str, object] = {}
+
+        def run(name: str, call) -> None:  # type: ignore[no-untyped-def]
+            try:
+                outcome[name] = call()
+            except Exception as exc:  # noqa: BLE001 - recorded for the assertions
+                outcome[name] = exc
+
+        file_request = ChunkRequest(text="A file row beside the streams.", adapter=None, cfg_scale=2.0, steps=2,
+                                    seed=4, max_patches=12)
+        threads = [threading.Thread(target=run, args=(f"stream{i}", lambda i=i: engine.generate_stream(
+            ChunkRequest(text="A stream.", adapter=None, cfg_scale=2.0, steps=2, seed=10 + i, max_patches=12),
+            lambda samples: None))) for i in range(2)]
+        threads.append(threading.Thread(target=run, args=("file", lambda: engine.generate(file_request, lambda: None))))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert isinstance(outcome["stream0"], errors.EngineFailure), outcome["stream0"]
+        assert isinstance(outcome["stream1"], errors.EngineFailure), outcome["stream1"]
+        assert isinstance(outcome["file"], np.ndarray) and outcome["file"].size > 0, outcome["file"]
+    finally:
+        vae.decode = real_decode
+        engine.close()

@@ -894,6 +894,7 @@ class BatchedEngine:
     def _deliver_audio(self, streamed: list[tuple[_Job, torch.Tensor]], ended: list[_Job]) -> None:
         """Hand each streaming row its patch's samples: one copy to the host for all of them (a device sync
         per row made dozens of concurrent streams set the step time), then the rows that ended are done."""
+        streamed = [(job, audio) for job, audio in streamed if not job.done.is_set()]  # failed rows: no audio
         if streamed:
             host = torch.cat([audio for _, audio in streamed]).cpu().numpy()
             offset = 0
@@ -987,7 +988,7 @@ class BatchedEngine:
             except Exception as exc:  # every row of the call fails alone, like a broken callback
                 for job in jobs:
                     self._row_callback(job, lambda exc=exc: _raise(exc))
-                audio = torch.zeros(len(indices), 0)
+                audio = torch.zeros(len(indices), 0, device=streamed[indices[0]][1].device)
             for row, i in enumerate(indices):
                 streamed[i] = (streamed[i][0], audio[row].float())
 
