@@ -143,7 +143,7 @@ def test_preloaded_adapters_are_in_slots_before_the_first_request(tiny_root: Pat
 
 @pytest.mark.xdist_group("batched-parity-voxcpm")
 def test_a_failed_stream_window_decode_fails_only_the_streaming_rows(tiny_root: Path) -> None:
-    """VoxCPM 1.x streaming rows share one AudioVAE call per window length each step (_decode_windows); when it
+    """VoxCPM 1.x streaming rows share one AudioVAE call per window length each step (_decode_streamed); when it
     raises, those rows fail alone and a file row stepping beside them still completes."""
     engine = BatchedEngine(BatchedConfig(model="tiny", device="cpu", max_rows=4, cache_dir=tiny_root))
     engine.load()
@@ -180,4 +180,36 @@ def test_a_failed_stream_window_decode_fails_only_the_streaming_rows(tiny_root: 
         assert isinstance(outcome["file"], np.ndarray) and outcome["file"].size > 0, outcome["file"]
     finally:
         vae.decode = real_decode
+        engine.close()
+
+
+@pytest.mark.xdist_group("batched-parity-voxcpm2")
+def test_voxcpm2_streams_decoded_together_equal_each_stream_alone(tiny_root: Path) -> None:
+    """VoxCPM2 streaming rows share one streaming-decoder call per step (their carried convolution states stacked
+    along the batch, _decode_stream_states): each row must still get its own audio, patch by patch."""
+    engine = BatchedEngine(BatchedConfig(model="tiny-v2", device="cpu", max_rows=4, cache_dir=tiny_root))
+    engine.load()
+    try:
+        requests = [ChunkRequest(text=text, adapter=None, cfg_scale=2.0, steps=2, seed=seed, max_patches=patches)
+                    for text, seed, patches in (("First stream.", 1, 9), ("A second one.", 2, 6),
+                                                ("And a third.", 3, 11))]
+
+        def stream(request: ChunkRequest) -> np.ndarray:
+            pieces: list[np.ndarray] = []
+            engine.generate_stream(request, lambda samples: pieces.append(samples.copy()))
+            return np.concatenate(pieces)
+
+        alone = [stream(r) for r in requests]
+        together: dict[int, np.ndarray] = {}
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, stream(requests[i])))
+                   for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert engine.stats()["rows_stepped"] > engine.stats()["steps"]  # the rows did share steps
+        for i, want in enumerate(alone):
+            assert together[i].shape == want.shape
+            assert float(np.max(np.abs(together[i] - want))) < 1e-4, i
+    finally:
         engine.close()

@@ -865,7 +865,7 @@ class BatchedEngine:
                 job.latents = torch.cat([torch.stack(context), generated]) if context else generated
                 job.drop_patches = prefilled.context_len
                 finished.append(job)
-        self._decode_windows(streamed)
+        self._decode_streamed(streamed)
         self._deliver_audio(streamed, stream_ends)
         if finished:
             latents_ready = None
@@ -948,49 +948,67 @@ class BatchedEngine:
 
     def _stream_patch(self, job: _Job, slot: int, streamed: list[tuple[_Job, torch.Tensor]]) -> None:
         """Add this row's newest patch to `streamed`, exactly as the official streaming generator yields it.
-        VoxCPM2: its audio, (n,) float32 on the device, from the row's own streaming decoder. VoxCPM 1.x: the
-        row's window of recent patches, (D, n * P), which _decode_windows turns into audio for every streaming
-        row at once (_deliver_audio then copies all of it to the host in one go)."""
+        VoxCPM2: the patch, (D, P), for the row's own streaming decoder state. VoxCPM 1.x: the row's window of
+        recent patches, (D, n * P). _decode_streamed turns them into audio for every streaming row at once
+        (_deliver_audio then copies all of it to the host in one go)."""
         model = self._model
         assert model is not None
         pred = model.out_feat[slot]  # (P, D)
         if self._info is not None and self._info.architecture == "voxcpm2":
-            decoder = job.stream_state
-            latent = pred.t().unsqueeze(0).to(torch.float32)  # (1, D, P)
-            decoder._install()
-            try:
-                audio = decoder.decode_chunk(latent)
-            finally:
-                decoder._restore()
-            streamed.append((job, audio.reshape(-1).float()))
+            streamed.append((job, pred.t().to(torch.float32)))  # (D, P): _decode_streamed decodes it
             return
         window: list[torch.Tensor] = job.stream_state
         window.append(pred.clone())
         del window[:-3]  # VoxCPMModel's streaming_prefix_len
         streamed.append((job, torch.stack(window).permute(2, 0, 1).reshape(pred.shape[1], -1)))  # (D, n * P)
 
-    def _decode_windows(self, streamed: list[tuple[_Job, torch.Tensor]]) -> None:
-        """VoxCPM 1.x streaming rows: their windows (D, n * P), replaced in `streamed` by the newest patch's
-        audio, (n,) float32. Windows of one length share an AudioVAE call (rows are independent in the
-        decoder's batch, as in the decode thread's grouped decodes): one call per step, not one per row."""
-        if self._info is None or self._info.architecture == "voxcpm2" or not streamed:
+    def _decode_streamed(self, streamed: list[tuple[_Job, torch.Tensor]]) -> None:
+        """Streaming rows' inputs from _stream_patch, replaced in `streamed` by the newest patch's audio, (n,)
+        float32, with one AudioVAE call per group instead of one per row (rows are independent in the decoder's
+        batch, as in the decode thread's grouped decodes). VoxCPM 1.x: windows of one length form a group.
+        VoxCPM2: rows at their first patch form one group and the others a second, each call running the
+        official streaming decoder over the rows' carried convolution states stacked along the batch (a first
+        patch's missing state is the zero padding the decoder uses then, so each row gets its own audio)."""
+        if self._info is None or not streamed:
             return
-        by_length: dict[int, list[int]] = {}
-        for index, (_, window) in enumerate(streamed):
-            by_length.setdefault(int(window.shape[-1]), []).append(index)
+        v2 = self._info.architecture == "voxcpm2"
+        groups: dict[object, list[int]] = {}
+        for index, (job, feat) in enumerate(streamed):
+            key = bool(job.stream_state._states) if v2 else int(feat.shape[-1])
+            groups.setdefault(key, []).append(index)
         keep = self._drop_samples_per_patch()
         vae = self._inner.tts_model.audio_vae
-        for indices in by_length.values():
+        for indices in groups.values():
             jobs = [streamed[i][0] for i in indices]
             try:
-                feat = torch.stack([streamed[i][1] for i in indices]).to(torch.float32)  # (B, D, n * P)
-                audio = vae.decode(feat).reshape(len(indices), -1)[:, -keep:]
+                feat = torch.stack([streamed[i][1] for i in indices]).to(torch.float32)  # (B, D, frames)
+                if v2:
+                    audio = self._decode_stream_states(jobs, feat).reshape(len(indices), -1)
+                else:
+                    audio = vae.decode(feat).reshape(len(indices), -1)[:, -keep:]
             except Exception as exc:  # every row of the call fails alone, like a broken callback
                 for job in jobs:
                     self._row_callback(job, lambda exc=exc: _raise(exc))
                 audio = torch.zeros(len(indices), 0, device=streamed[indices[0]][1].device)
             for row, i in enumerate(indices):
                 streamed[i] = (streamed[i][0], audio[row].float())
+
+    def _decode_stream_states(self, jobs: list[_Job], latents: torch.Tensor) -> torch.Tensor:
+        """VoxCPM2: one official streaming-decoder call for `jobs`, whose per-row states (the official
+        StreamingVAEDecoder's, keyed by the shared twin VAE's modules) go in stacked and come out split."""
+        from voxcpm.modules.audiovae.audio_vae_v2 import StreamingVAEDecoder
+
+        rows = [job.stream_state for job in jobs]
+        batch = StreamingVAEDecoder(self._stream_vae)
+        batch._states.update({key: torch.cat([row._states[key] for row in rows]) for key in rows[0]._states})
+        batch._install()
+        try:
+            audio = batch.decode_chunk(latents)
+        finally:
+            batch._restore()
+        for i, row in enumerate(rows):
+            row._states = {key: state[i: i + 1] for key, state in batch._states.items()}
+        return audio
 
     # ------------------------------------------------------------------ ending rows
 
