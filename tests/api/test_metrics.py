@@ -15,10 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.api.conftest import Running, fitting_shapes, write_adapter
 from tests.helpers import wait_final, wait_until
 from voxcpm_api.api.app import create_app
-from voxcpm_api.api.metrics import OTHER_LABEL, PrometheusEvents, _BoundedLabel
+from voxcpm_api.api.metrics import BASE_LABEL, MAX_LABEL_VALUES, OTHER_LABEL, PrometheusEvents, _BoundedLabel
 from voxcpm_api.config import Settings
 from voxcpm_api.engine.base import ChunkRequest, PatchCallback
-from voxcpm_api.engine.fake import FakeEngine
+from voxcpm_api.engine.fake import FAKE_SAMPLE_RATE_HZ, ConcurrentFakeEngine, FakeEngine
 from voxcpm_api.errors import EngineFailure
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -144,12 +144,12 @@ def test_requests_generations_ttfb_rtf_and_audio_by_lora(make_server) -> None:
     c = srv.client
     before = scrape(c)
 
-    durations: dict[str, float] = {"none": 0.0, "good": 0.0}
+    durations: dict[str, float] = {"base": 0.0, "good": 0.0}
     for body in ({"text": "Base one, synchronously."}, {"text": "Base two, synchronously."},
                  {"text": "With an adapter.", "lora_name": "good"}):
         response = c.post("/synthesize", json={**body, "async_mode": False, "response_format": "wav"})
         assert response.status_code == 200, response.text
-        durations[body.get("lora_name", "none")] += response.json()["duration_s"]
+        durations[body.get("lora_name", "base")] += response.json()["duration_s"]
     task_ids = []
     for text in ("Queued with an adapter.", "Another queued one."):
         response = c.post("/synthesize", json={"text": text, "lora_name": "good", "response_format": "wav"})
@@ -184,13 +184,15 @@ def test_requests_generations_ttfb_rtf_and_audio_by_lora(make_server) -> None:
     assert d("voxcpm_requests_total", endpoint="unmatched", status="4xx") == 1
     assert not any(dict(labels).get("endpoint") == "/no/such/route" for _, labels in after)
     # generations by outcome, lora and voice
-    base, lora = {"kind": "task", "lora": "none", "voice": "none"}, {"kind": "task", "lora": "good", "voice": "none"}
+    base, lora = {"kind": "task", "lora": "base", "voice": "none"}, {"kind": "task", "lora": "good", "voice": "none"}
     assert d("voxcpm_generations_started_total", **base) == 4
     assert d("voxcpm_generations_started_total", **lora) == 3
     assert d("voxcpm_generations_total", outcome="completed", **base) == 2
     assert d("voxcpm_generations_total", outcome="completed", **lora) == 3
     assert d("voxcpm_generations_total", outcome="failed", **base) == 2
     assert d("voxcpm_generations_total", outcome="failed", **lora) == 0
+    assert d("voxcpm_generation_errors_total", kind="task", lora="base") == 2
+    assert d("voxcpm_generation_errors_total", kind="task", lora="good") == 0
     # TTFB: only generations that produced audio; RTF: completed ones
     assert d("voxcpm_time_to_first_audio_seconds_count", **base) == 2
     assert d("voxcpm_time_to_first_audio_seconds_count", **lora) == 3
@@ -199,7 +201,7 @@ def test_requests_generations_ttfb_rtf_and_audio_by_lora(make_server) -> None:
     assert d("voxcpm_real_time_factor_count", **base) == 2
     assert d("voxcpm_real_time_factor_count", **lora) == 3
     assert d("voxcpm_real_time_factor_sum", **lora) > 0
-    assert d("voxcpm_audio_seconds_total", **base) == pytest.approx(durations["none"], abs=1e-3)
+    assert d("voxcpm_audio_seconds_total", **base) == pytest.approx(durations["base"], abs=1e-3)
     assert d("voxcpm_audio_seconds_total", **lora) == pytest.approx(durations["good"], abs=1e-3)
     assert durations["good"] > 0
     # read at scrape time from the engine's LoRA runtime: one cache miss, nothing evicted
@@ -221,7 +223,104 @@ def test_adapter_loads_and_evictions_come_from_the_engine(make_server) -> None:
     assert value(samples, "voxcpm_adapter_loads_total", lora="beta") == 1
     assert value(samples, "voxcpm_adapter_evictions_total", lora="alpha") == 1
     assert value(samples, "voxcpm_adapter_evictions_total", lora="beta") == 1
-    assert value(samples, "voxcpm_adapter_loads_total", lora="none") == 0
+    assert value(samples, "voxcpm_adapter_loads_total", lora="base") == 0
+
+
+# ---- per adapter (issue 19) -----------------------------------------------------------------------
+
+
+def test_per_adapter_requests_audio_errors_histograms_and_residency(make_server) -> None:
+    engine = ConcurrentFakeEngine(lora_slots=1)  # one GPU slot: the last adapter used is the resident one
+    srv: Running = make_server(engine=engine)
+    for name in ("alpha", "beta"):
+        write_adapter(srv.lora_dir / name, fitting_shapes(engine))
+    c = srv.client
+    before = scrape(c)
+
+    audio = {"base": 0.0, "alpha": 0.0, "beta": 0.0}
+    for text, lora in (("Base model one.", None), ("Base model two.", "base"), ("Alpha speaks.", "alpha")):
+        response = c.post("/synthesize", json={"text": text, "lora_name": lora, "async_mode": False})
+        assert response.status_code == 200, response.text
+        audio[lora or "base"] += response.json()["duration_s"]
+    failed = c.post("/synthesize", json={"text": "Alpha must FAIL_ENGINE here.", "lora_name": "alpha",
+                                         "async_mode": False})
+    assert failed.status_code == 500, failed.text
+    streamed = c.post("/synthesize/stream", json={"text": "Alpha streams.", "lora_name": "alpha",
+                                                  "response_format": "pcm"})
+    assert streamed.status_code == 200, streamed.text
+    stream_audio = len(streamed.content) / 2 / FAKE_SAMPLE_RATE_HZ  # 16-bit mono
+    response = c.post("/synthesize", json={"text": "Beta goes last.", "lora_name": "beta", "async_mode": False})
+    assert response.status_code == 200, response.text
+    audio["beta"] += response.json()["duration_s"]
+    wait_until(lambda: delta(before, scrape(c), "voxcpm_generations_total", kind="stream", outcome="completed",
+                             lora="alpha", voice="none") == 1, 10, 0.02, "the stream's generation to finish")
+
+    after = scrape(c)
+    d = lambda name, **labels: delta(before, after, name, **labels)  # noqa: E731
+    task = lambda lora: {"kind": "task", "lora": lora, "voice": "none"}  # noqa: E731
+    stream = {"kind": "stream", "lora": "alpha", "voice": "none"}
+    # requests started and finished, by kind and outcome; the base model is "base" ("none"/"base" alike)
+    assert d("voxcpm_generations_started_total", **task("base")) == 2
+    assert d("voxcpm_generations_started_total", **task("alpha")) == 2
+    assert d("voxcpm_generations_started_total", **task("beta")) == 1
+    assert d("voxcpm_generations_started_total", **stream) == 1
+    assert d("voxcpm_generations_total", outcome="completed", **task("base")) == 2
+    assert d("voxcpm_generations_total", outcome="completed", **task("alpha")) == 1
+    assert d("voxcpm_generations_total", outcome="failed", **task("alpha")) == 1
+    assert d("voxcpm_generations_total", outcome="completed", **stream) == 1
+    assert not any(dict(labels).get("lora") == "none" for _, labels in after)
+    # errors: the failed request counts for its adapter only
+    assert d("voxcpm_generation_errors_total", kind="task", lora="alpha") == 1
+    assert d("voxcpm_generation_errors_total", kind="task", lora="beta") == 0
+    assert d("voxcpm_generation_errors_total", kind="task", lora="base") == 0
+    assert d("voxcpm_generation_errors_total", kind="stream", lora="alpha") == 0
+    # audio seconds and histogram counts
+    for lora in ("base", "alpha", "beta"):
+        assert d("voxcpm_audio_seconds_total", **task(lora)) == pytest.approx(audio[lora], abs=1e-3), lora
+    assert d("voxcpm_audio_seconds_total", **stream) == pytest.approx(stream_audio, abs=1e-3)
+    assert audio["alpha"] > 0 and stream_audio > 0
+    for lora, count in (("base", 2), ("alpha", 1), ("beta", 1)):
+        assert d("voxcpm_time_to_first_audio_seconds_count", **task(lora)) == count, lora
+        assert d("voxcpm_real_time_factor_count", **task(lora)) == count, lora
+        assert d("voxcpm_real_time_factor_bucket", le="+Inf", **task(lora)) == count, lora
+    assert d("voxcpm_time_to_first_audio_seconds_count", **stream) == 1
+    assert d("voxcpm_real_time_factor_count", **stream) == 1
+    # GPU-slot residency now: beta took the one slot from alpha; the base model needs none
+    assert value(after, "voxcpm_adapter_resident", lora="beta") == 1
+    assert value(after, "voxcpm_adapter_resident", lora="alpha") == 0
+    assert ("voxcpm_adapter_resident", (("lora", "base"),)) not in after
+
+
+def test_adapters_beyond_the_label_limit_fold_into_other(tmp_path) -> None:
+    from tests.helpers import ThreadServer, wait_ready
+
+    assert MAX_LABEL_VALUES == 200  # the production limit; this app is given a limit of 2
+    settings = Settings(host="127.0.0.1", model="fake", output_dir=tmp_path / "out", lora_dir=tmp_path / "lora",
+                        ref_audio_dir=[tmp_path / "refs"], max_concurrent=1)
+    engine = ConcurrentFakeEngine(lora_slots=8)
+    names_ = [f"a{i}" for i in range(5)]
+    for name in names_:
+        write_adapter(settings.lora_dir / name, fitting_shapes(engine))
+    app = create_app(settings, engine=engine, events=PrometheusEvents(label_limit=2))
+    with ThreadServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        wait_ready(client, 30)
+        for lora in [None, *names_, "a0"]:
+            response = client.post("/synthesize", json={"text": "Folding.", "lora_name": lora, "async_mode": False})
+            assert response.status_code == 200, response.text
+        assert client.post("/synthesize", json={"text": "FAIL_ENGINE", "lora_name": "a4",
+                                                "async_mode": False}).status_code == 500
+        samples = scrape(client)
+    loras = {dict(labels)["lora"] for _, labels in samples if "lora" in dict(labels)}
+    assert loras == {BASE_LABEL, "a0", "a1", OTHER_LABEL}  # the base model takes no place; a2…a4 fold
+    started = lambda lora: value(samples, "voxcpm_generations_started_total", kind="task",  # noqa: E731
+                                 lora=lora, voice="none")
+    assert (started("base"), started("a0"), started("a1"), started("other")) == (1, 2, 1, 4)
+    assert value(samples, "voxcpm_generation_errors_total", kind="task", lora="other") == 1
+    assert value(samples, "voxcpm_real_time_factor_count", kind="task", lora="other", voice="none") == 3
+    assert value(samples, "voxcpm_audio_seconds_total", kind="task", lora="other", voice="none") > 0
+    # all five adapters are in a GPU slot: two by name, three folded into one "other" sample
+    assert value(samples, "voxcpm_adapter_resident", lora="a0") == 1
+    assert value(samples, "voxcpm_adapter_resident", lora="other") == 3
 
 
 # ---- scrape-time gauges, and two apps in one process ------------------------------------------
@@ -256,10 +355,10 @@ def test_queue_depth_and_running_reflect_a_slow_engine_and_are_shared(make_serve
     done = scrape(owner.client)
     assert value(done, "voxcpm_running_tasks") == 0 and value(done, "voxcpm_queue_depth") == 0
     # only the task that had started produces a generation; pending ones were cancelled before
-    assert value(done, "voxcpm_generations_total", kind="task", outcome="cancelled", lora="none", voice="none") == 1
+    assert value(done, "voxcpm_generations_total", kind="task", outcome="cancelled", lora="base", voice="none") == 1
     worker_after = scrape(worker.client)
     assert value(worker_after, "voxcpm_requests_total", endpoint="/task/{task_id}", status="2xx") == 3
-    assert value(worker_after, "voxcpm_generations_total", kind="task", outcome="cancelled", lora="none",
+    assert value(worker_after, "voxcpm_generations_total", kind="task", outcome="cancelled", lora="base",
                  voice="none") == 0
 
 
@@ -270,7 +369,7 @@ def test_two_independent_apps_keep_separate_counts(make_server) -> None:
         assert first.client.post("/synthesize", json={"text": "Only on the first.", "async_mode": False}
                                  ).status_code == 200
     a, b = scrape(first.client), scrape(second.client)
-    labels = {"kind": "task", "lora": "none", "voice": "none"}
+    labels = {"kind": "task", "lora": "base", "voice": "none"}
     assert value(a, "voxcpm_generations_total", outcome="completed", **labels) == 2
     assert value(b, "voxcpm_generations_total", outcome="completed", **labels) == 0
     assert value(a, "voxcpm_requests_total", endpoint="/synthesize", status="2xx") == 2
@@ -317,6 +416,7 @@ def test_prometheus_events_stream_kind_voice_labels_and_separate_registries() ->
     one.first_audio("stream", 0.3, "good", "alice")
     one.generation_finished("stream", "completed", 2.0, 1.0, "good", "alice")
     one.generation_finished("stream", "cancelled", 0.5, 0.4, None, None)
+    one.generation_finished("stream", "failed", 0.0, 0.1, "good", None)
     samples: Samples = {}
     for family in text_string_to_metric_families(one.render(None).decode()):
         for s in family.samples:
@@ -328,8 +428,10 @@ def test_prometheus_events_stream_kind_voice_labels_and_separate_registries() ->
     assert value(samples, "voxcpm_real_time_factor_sum", **stream) == pytest.approx(0.5)
     assert value(samples, "voxcpm_audio_seconds_total", **stream) == pytest.approx(2.0)
     # a cancelled stream's partial audio counts as produced, but gives no RTF
-    assert value(samples, "voxcpm_audio_seconds_total", kind="stream", lora="none", voice="none") == pytest.approx(0.5)
-    assert value(samples, "voxcpm_real_time_factor_count", kind="stream", lora="none", voice="none") == 0
+    assert value(samples, "voxcpm_audio_seconds_total", kind="stream", lora="base", voice="none") == pytest.approx(0.5)
+    assert value(samples, "voxcpm_real_time_factor_count", kind="stream", lora="base", voice="none") == 0
+    assert value(samples, "voxcpm_generation_errors_total", kind="stream", lora="good") == 1
+    assert value(samples, "voxcpm_generation_errors_total", kind="stream", lora="base") == 0
     assert "voxcpm_queue_depth" not in names(samples)  # no service yet: no scrape-time series
     assert b"alice" not in two.render(None)
 
@@ -337,3 +439,6 @@ def test_prometheus_events_stream_kind_voice_labels_and_separate_registries() ->
 def test_label_values_are_bounded() -> None:
     label = _BoundedLabel(limit=2)
     assert [label(v) for v in ("a", "b", "c", "a", None, "")] == ["a", "b", OTHER_LABEL, "a", "none", "none"]
+    adapters = _BoundedLabel(limit=1, base_model=True)  # the `lora` label: the base model is "base", never folded
+    assert [adapters(v) for v in (None, "", "none", "Base", "x", "y", "x")] == [
+        BASE_LABEL, BASE_LABEL, BASE_LABEL, BASE_LABEL, "x", OTHER_LABEL, "x"]

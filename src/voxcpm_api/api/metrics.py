@@ -11,10 +11,15 @@ Two kinds of series:
   loads/evictions from the engine owner's LoRA runtime (this process's engine only; 0 series elsewhere).
 
 Label cardinality is bounded: `endpoint` is a route template (or "unmatched"), `status` a class
-(2xx…5xx), `kind` task|stream, `outcome` completed|failed|cancelled. `lora` values are adapter names,
-which only reach the runner after the catalog validated them against --lora-dir, and `voice` values
-are saved voices; as a guard against an unbounded directory each of those labels keeps at most
-`MAX_LABEL_VALUES` distinct values per app and reports any further ones as "other".
+(2xx…5xx), `kind` task|stream, `outcome` completed|failed|cancelled. `lora` values are adapter names
+("base" for the base model; a saved voice's requests carry the voice's adapter), which only reach the
+runner after the catalog validated them against --lora-dir, and `voice` values are saved voices; as a
+guard against an unbounded directory each of those labels keeps at most `MAX_LABEL_VALUES` distinct
+values per app and reports any further ones as "other".
+
+Per adapter (`lora`): generations started and finished by kind and outcome, generation errors, audio
+seconds, time-to-first-audio and real-time-factor histograms (event series); adapter loads, evictions
+and GPU-slot residency (scrape-time series, engine owner only).
 """
 
 from __future__ import annotations
@@ -35,16 +40,21 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..domain import TaskStatus
+from ..lora.catalog import is_base_model_name
 
 if TYPE_CHECKING:
     from ..tasks.service import TaskService
 
 log = logging.getLogger("voxcpm_api.metrics")
 
-NONE_LABEL = "none"  # base model / no saved voice
+NONE_LABEL = "none"  # no saved voice
+BASE_LABEL = "base"  # the `lora` label of the base model (no adapter)
 OTHER_LABEL = "other"  # label values beyond MAX_LABEL_VALUES
 UNMATCHED_ENDPOINT = "unmatched"  # requests no route matches (404s): never the raw path
 CLIENT_GONE_STATUS = 499  # the client disconnected before any response started (nginx's convention)
+# Distinct values one app keeps for each of the `lora` and `voice` labels (the base model and "none"
+# not counted); later adapters or voices are all reported as "other", so a LoRA directory with
+# thousands of adapters cannot blow up the series count (README_API.md, "Readiness and metrics").
 MAX_LABEL_VALUES = 200
 
 TTFB_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -52,14 +62,21 @@ RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 class _BoundedLabel:
-    """Maps label values to themselves until `limit` distinct ones were seen, then to "other"."""
+    """Maps label values to themselves until `limit` distinct ones were seen, then to "other".
 
-    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+    Empty values are "none"; with `base_model` (the `lora` label) every name of the base model
+    (None, "", "none", "base", ...) is "base". Neither takes one of the `limit` places.
+    """
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES, *, base_model: bool = False) -> None:
         self._limit = limit
+        self._base_model = base_model
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
     def __call__(self, value: str | None) -> str:
+        if self._base_model and is_base_model_name(value):
+            return BASE_LABEL
         if not value:
             return NONE_LABEL
         with self._lock:
@@ -74,26 +91,32 @@ class _BoundedLabel:
 class PrometheusEvents:
     """The `Events` sink of one app, on its own registry. Thread-safe (prometheus_client metrics are)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, label_limit: int = MAX_LABEL_VALUES) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self._lora = _BoundedLabel()
-        self._voice = _BoundedLabel()
+        self._lora = _BoundedLabel(label_limit, base_model=True)
+        self._voice = _BoundedLabel(label_limit)
         r = self.registry
         self.requests = Counter("voxcpm_requests", "HTTP requests answered, by route template and status class.",
                                 ["endpoint", "status"], registry=r)
         self.errors = Counter("voxcpm_request_errors", "HTTP requests answered with a 4xx or 5xx status.",
                               ["endpoint", "status"], registry=r)
         gen = ["kind", "lora", "voice"]
-        self.started = Counter("voxcpm_generations_started", "Generations started (kind: task or stream).",
-                               gen, registry=r)
-        self.generations = Counter("voxcpm_generations", "Generations finished, by outcome "
-                                   "(completed, failed, cancelled).", ["kind", "outcome", "lora", "voice"], registry=r)
+        self.started = Counter("voxcpm_generations_started", "Generations started, by kind (task or stream), "
+                               "adapter (base: the base model) and saved voice.", gen, registry=r)
+        self.generations = Counter("voxcpm_generations", "Generations finished, by kind, outcome "
+                                   "(completed, failed, cancelled), adapter and saved voice.",
+                                   ["kind", "outcome", "lora", "voice"], registry=r)
+        self.generation_errors = Counter("voxcpm_generation_errors", "Generations that failed (engine error, "
+                                         "adapter that no longer fits, unreadable reference audio...), by kind "
+                                         "and adapter.", ["kind", "lora"], registry=r)
         self.ttfb = Histogram("voxcpm_time_to_first_audio_seconds", "From the request's arrival to its first audio "
                               "(first patch for tasks, first byte for streams).", gen, buckets=TTFB_BUCKETS_S,
                               registry=r)
         self.rtf = Histogram("voxcpm_real_time_factor", "Wall seconds per second of audio of completed "
                              "generations (below 1 is faster than real time).", gen, buckets=RTF_BUCKETS, registry=r)
-        self.audio_seconds = Counter("voxcpm_audio_seconds", "Seconds of audio produced.", gen, registry=r)
+        self.audio_seconds = Counter("voxcpm_audio_seconds", "Seconds of audio produced (partial audio of "
+                                     "cancelled streams included), by kind, adapter and saved voice.", gen,
+                                     registry=r)
 
     # ---- the Events protocol --------------------------------------------------------------------
 
@@ -113,6 +136,8 @@ class PrometheusEvents:
                             voice: str | None) -> None:
         labels = (kind, self._lora(lora), self._voice(voice))
         self.generations.labels(kind, outcome, *labels[1:]).inc()
+        if outcome == "failed":
+            self.generation_errors.labels(kind, labels[1]).inc()
         if audio_s > 0:
             self.audio_seconds.labels(*labels).inc(audio_s)
             if outcome == "completed":
@@ -153,7 +178,7 @@ class ServiceCollector:
 
     def __init__(self, service: TaskService | None, lora_label: _BoundedLabel | None = None) -> None:
         self._service = service
-        self._lora = lora_label or _BoundedLabel()
+        self._lora = lora_label or _BoundedLabel(base_model=True)
 
     def collect(self) -> Iterable[Metric]:
         service = self._service
@@ -172,9 +197,11 @@ class ServiceCollector:
         metrics: list[Metric] = [queue, running, loaded, owner]
         stats = _engine_stats(service)
         for key, name, doc in (("adapter_loads", "voxcpm_adapter_loads",
-                                "LoRA adapters read from disk into the resident cache (cache misses), this process."),
+                                "LoRA adapter loads by adapter, this process: copies into a GPU slot (batched "
+                                "engine) or reads from disk into the resident cache (official engine)."),
                                ("adapter_evictions", "voxcpm_adapter_evictions",
-                                "LoRA adapters dropped from the resident LRU cache, this process.")):
+                                "LoRA adapters evicted by adapter, this process: from a GPU slot (batched "
+                                "engine) or from the resident LRU cache (official engine).")):
             family = CounterMetricFamily(name, doc, labels=["lora"])
             totals: dict[str, float] = {}
             for adapter, count in stats.get(key, {}).items():
@@ -183,6 +210,18 @@ class ServiceCollector:
             for label, value in sorted(totals.items()):
                 family.add_metric([label], value)
             metrics.append(family)
+        resident = stats.get("resident_adapters")
+        if resident is not None:  # a ConcurrentEngine (batched engine, pool): adapters in its GPU slots now
+            gauge = GaugeMetricFamily("voxcpm_adapter_resident", "1 for each LoRA adapter resident in a GPU slot "
+                                      "of this process's batched engine(s) now (absent: not resident; "
+                                      "\"other\": how many of those beyond the label limit are).", labels=["lora"])
+            counts: dict[str, float] = {}
+            for adapter in resident:
+                label = self._lora(adapter)
+                counts[label] = counts.get(label, 0.0) + 1.0
+            for label, count in sorted(counts.items()):
+                gauge.add_metric([label], count)
+            metrics.append(gauge)
         rows = stats.get("batch_rows")
         if rows:  # a batched engine (or a pool of them) in this process
             gauge = GaugeMetricFamily("voxcpm_batch_rows", "Batch rows of the batched engine(s) now: running, "
