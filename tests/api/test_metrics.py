@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.conftest import Running, fitting_shapes, write_adapter
+from tests.api.conftest import Running, fitting_shapes, wav_bytes, write_adapter
 from tests.helpers import wait_final, wait_until
 from voxcpm_api.api.app import create_app
 from voxcpm_api.api.metrics import BASE_LABEL, MAX_LABEL_VALUES, OTHER_LABEL, PrometheusEvents, _BoundedLabel
@@ -249,9 +249,13 @@ def test_per_adapter_requests_audio_errors_histograms_and_residency(make_server)
                                                   "response_format": "pcm"})
     assert streamed.status_code == 200, streamed.text
     stream_audio = len(streamed.content) / 2 / FAKE_SAMPLE_RATE_HZ  # 16-bit mono
-    response = c.post("/synthesize", json={"text": "Beta goes last.", "lora_name": "beta", "async_mode": False})
-    assert response.status_code == 200, response.text
-    audio["beta"] += response.json()["duration_s"]
+    created = c.post("/voices", data={"name": "betty", "transcript": "A reference.", "lora_name": "beta"},
+                     files={"audio": ("ref.wav", wav_bytes(0.5), "audio/wav")})
+    assert created.status_code == 201, created.text
+    for body in ({"text": "Beta goes last.", "lora_name": "beta"}, {"text": "A saved voice.", "voice": "betty"}):
+        response = c.post("/synthesize", json={**body, "async_mode": False})
+        assert response.status_code == 200, response.text
+        audio["beta"] += response.json()["duration_s"]
     wait_until(lambda: delta(before, scrape(c), "voxcpm_generations_total", kind="stream", outcome="completed",
                              lora="alpha", voice="none") == 1, 10, 0.02, "the stream's generation to finish")
 
@@ -263,6 +267,9 @@ def test_per_adapter_requests_audio_errors_histograms_and_residency(make_server)
     assert d("voxcpm_generations_started_total", **task("base")) == 2
     assert d("voxcpm_generations_started_total", **task("alpha")) == 2
     assert d("voxcpm_generations_started_total", **task("beta")) == 1
+    betty = {"kind": "task", "lora": "beta", "voice": "betty"}  # a saved voice counts for its adapter
+    assert d("voxcpm_generations_started_total", **betty) == 1
+    assert d("voxcpm_generations_total", outcome="completed", **betty) == 1
     assert d("voxcpm_generations_started_total", **stream) == 1
     assert d("voxcpm_generations_total", outcome="completed", **task("base")) == 2
     assert d("voxcpm_generations_total", outcome="completed", **task("alpha")) == 1
@@ -276,15 +283,17 @@ def test_per_adapter_requests_audio_errors_histograms_and_residency(make_server)
     assert d("voxcpm_generation_errors_total", kind="stream", lora="alpha") == 0
     # audio seconds and histogram counts
     for lora in ("base", "alpha", "beta"):
-        assert d("voxcpm_audio_seconds_total", **task(lora)) == pytest.approx(audio[lora], abs=1e-3), lora
+        voiced = d("voxcpm_audio_seconds_total", **betty) if lora == "beta" else 0.0
+        assert d("voxcpm_audio_seconds_total", **task(lora)) + voiced == pytest.approx(audio[lora], abs=1e-3), lora
     assert d("voxcpm_audio_seconds_total", **stream) == pytest.approx(stream_audio, abs=1e-3)
-    assert audio["alpha"] > 0 and stream_audio > 0
+    assert audio["alpha"] > 0 and stream_audio > 0 and d("voxcpm_audio_seconds_total", **betty) > 0
     for lora, count in (("base", 2), ("alpha", 1), ("beta", 1)):
         assert d("voxcpm_time_to_first_audio_seconds_count", **task(lora)) == count, lora
         assert d("voxcpm_real_time_factor_count", **task(lora)) == count, lora
         assert d("voxcpm_real_time_factor_bucket", le="+Inf", **task(lora)) == count, lora
     assert d("voxcpm_time_to_first_audio_seconds_count", **stream) == 1
     assert d("voxcpm_real_time_factor_count", **stream) == 1
+    assert d("voxcpm_real_time_factor_count", **betty) == 1
     # GPU-slot residency now: beta took the one slot from alpha; the base model needs none
     assert value(after, "voxcpm_adapter_resident", lora="beta") == 1
     assert value(after, "voxcpm_adapter_resident", lora="alpha") == 0
