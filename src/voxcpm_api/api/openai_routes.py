@@ -3,7 +3,8 @@
 Follows OpenAI's request and response contract so the official SDKs and tools built for them work
 unchanged (`OpenAI(base_url="http://host:8000/v1", api_key=...)`):
 
-* `model` is accepted and ignored (the loaded model speaks; it is echoed in `X-Model`);
+* `model` is accepted and ignored (the loaded model speaks; it is echoed in `X-Model`,
+  percent-encoded where it is not printable ASCII);
 * `voice` is `default` (or empty) for the base model, a LoRA name from GET /loras, or a saved voice
   from GET /voices (string or `{"id": ...}`); anything else is a 400 naming `voice`;
 * `instructions` become VoxCPM2's voice-design prefix "(instructions)text"; VoxCPM 1.x has no
@@ -30,7 +31,9 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from string import punctuation
 from typing import Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -51,6 +54,7 @@ from .stream_routes import AudioStreamingResponse, encoded_audio, first_audio
 log = logging.getLogger("voxcpm_api.openai")
 
 DEFAULT_VOICE_NAMES = frozenset({"default"})
+HEADER_SAFE = punctuation.replace("%", "")  # with letters and digits: kept as is in the X-Model header
 # our error fields -> the OpenAI request parameter the client sent
 PARAM_OF_FIELD = {"text": "input", "lora_name": "voice", "voice": "voice", "ref_audio_path": "voice",
                   "ref_text": "voice", "file": "voice", "normalize": None}
@@ -148,6 +152,32 @@ class SpeechRequest(BaseModel):
     steps: StrictInt = Field(10, ge=1, le=100, description="Extension: diffusion steps per patch.")
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, for a human.")
+    type: str = Field(description="invalid_request_error | rate_limit_error | server_error")
+    param: str | None = Field(None, description="The request parameter at fault, where one is.")
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error body; every error on the /v1 routes has this shape."""
+
+    error: OpenAIErrorDetail
+
+
+OPENAI_ERROR_DESCRIPTIONS = {
+    400: "Invalid request (OpenAI answers every invalid parameter with 400)",
+    401: "Missing or wrong API key (only with --api-key)",
+    404: "Not found (the message says what)",
+    429: "Busy: retry after Retry-After seconds",
+    503: "The model is not loaded (yet); retry shortly",
+}
+
+
+def openai_error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
+    return {code: {"model": OpenAIErrorBody, "description": OPENAI_ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -178,7 +208,8 @@ async def list_models(request: Request, service: ServiceDep) -> ModelList:
     return ModelList(data=[_model_card(request, service)])
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"])
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"],
+            responses=openai_error_responses(404))
 async def retrieve_model(model_id: str, request: Request, service: ServiceDep) -> ModelCard | JSONResponse:
     card = _model_card(request, service)
     if model_id != card.id:
@@ -190,7 +221,8 @@ async def retrieve_model(model_id: str, request: Request, service: ServiceDep) -
 @router.post("/v1/audio/speech", tags=["openai"], response_class=Response,
              responses={200: {"description": "Audio, chunked as it is generated, or text/event-stream (sse).",
                               "content": {"audio/mpeg": {}, "audio/ogg": {}, "audio/aac": {}, "audio/flac": {},
-                                          "audio/wav": {}, "audio/pcm": {}, "text/event-stream": {}}}})
+                                          "audio/wav": {}, "audio/pcm": {}, "text/event-stream": {}}},
+                        **openai_error_responses(400, 404, 429, 503)})
 async def create_speech(body: SpeechRequest, service: ServiceDep) -> Response:
     """OpenAI's speech endpoint over VoxCPM (+ LoRA adapters and saved voices), streamed as generated."""
     arrived_at = time.time()
@@ -219,7 +251,7 @@ async def create_speech(body: SpeechRequest, service: ServiceDep) -> Response:
     except BaseException:
         stream.close()
         raise
-    headers = {"X-Model": body.model, "X-Seed": str(stream.params.seed),
+    headers = {"X-Model": header_value(body.model), "X-Seed": str(stream.params.seed),
                "X-Sample-Rate": str(encoder.sample_rate_hz), "Cache-Control": "no-store",
                "X-Accel-Buffering": "no"}
     audio = encoded_audio(first, stream, encoder, stretcher)
@@ -231,6 +263,13 @@ async def create_speech(body: SpeechRequest, service: ServiceDep) -> Response:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+
+def header_value(text: str) -> str:
+    """`text` as a header value: printable ASCII as is, anything else (non-Latin-1, control characters,
+    spaces, '%') percent-encoded as UTF-8. Echoing a client's `model` verbatim was a 500 whenever it held
+    a character a header cannot carry (found by tests/api/test_fuzz_schema.py)."""
+    return quote(text, safe=HEADER_SAFE)
 
 
 def _apply_instructions(service: TaskService, text: str, instructions: str | None) -> str:

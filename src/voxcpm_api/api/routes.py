@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -16,10 +16,11 @@ from ..errors import InvalidInput, VoxError
 from ..paths import display_path
 from ..tasks.service import SynthesisInput, TaskService
 from ..tasks.store import TaskRecord
-from .schemas import (CleanupResult, Health, LoRAList, SubmitResponse, SynthesizeRequest, SyncResponse,
-                      TaskList, TaskView)
+from .schemas import (SYNTHESIS_ERRORS, CleanupResult, Health, LoRAList, SubmitResponse, SynthesizeRequest,
+                      SyncResponse, TaskList, TaskView, error_responses)
 
 UPLOAD_READ_BYTES = 1024 * 1024
+DOWNLOAD_TYPES = sorted(set(MEDIA_TYPES.values()))  # /download serves only files this service encoded
 
 
 def get_service(request: Request) -> TaskService:
@@ -51,14 +52,16 @@ async def list_loras(service: ServiceDep) -> LoRAList:
     return LoRAList(loras=names, count=len(names))
 
 
-@protected.post("/synthesize", response_model=SubmitResponse | SyncResponse, tags=["synthesis"])
+@protected.post("/synthesize", response_model=SubmitResponse | SyncResponse, tags=["synthesis"],
+                responses=SYNTHESIS_ERRORS)
 async def synthesize(body: SynthesizeRequest, request: Request, service: ServiceDep) -> SubmitResponse | SyncResponse:
     """Async (default): returns a task_id at once. Sync: waits for the file without blocking the server."""
     record = await service.submit(to_synthesis_input(body))
     return await _respond(service, record, body.async_mode, request)
 
 
-@protected.post("/synthesize/upload", response_model=SubmitResponse | SyncResponse, tags=["synthesis"])
+@protected.post("/synthesize/upload", response_model=SubmitResponse | SyncResponse, tags=["synthesis"],
+                responses=SYNTHESIS_ERRORS)
 async def synthesize_upload(
     request: Request, service: ServiceDep,
     file: Annotated[UploadFile, File(description="Reference audio (wav, flac, mp3, ogg) to clone.")],
@@ -80,12 +83,12 @@ async def synthesize_upload(
     return await _respond(service, record, body.async_mode, request)
 
 
-@protected.get("/task/{task_id}", response_model=TaskView, tags=["tasks"])
+@protected.get("/task/{task_id}", response_model=TaskView, tags=["tasks"], responses=error_responses(404))
 async def get_task(task_id: str, request: Request, service: ServiceDep) -> TaskView:
     return _task_view(await service.get(task_id), service, request)
 
 
-@protected.delete("/task/{task_id}", response_model=TaskView, tags=["tasks"])
+@protected.delete("/task/{task_id}", response_model=TaskView, tags=["tasks"], responses=error_responses(404, 409))
 async def cancel_task(task_id: str, request: Request, service: ServiceDep) -> TaskView:
     """Cancel a pending task at once, or a processing one at its next patch (status becomes cancelled)."""
     return _task_view(await service.cancel(task_id), service, request)
@@ -99,7 +102,9 @@ async def list_tasks(request: Request, service: ServiceDep, status: TaskStatus |
                     max_concurrent=service.max_concurrent())
 
 
-@protected.get("/download/{filename}", tags=["files"], response_class=FileResponse)
+@protected.get("/download/{filename}", tags=["files"], response_class=FileResponse,
+               responses={200: {"description": "The audio file", "content": {t: {} for t in DOWNLOAD_TYPES}},
+                          **error_responses(404)})
 async def download(filename: str, service: ServiceDep) -> FileResponse:
     """Only audio files this service wrote; anything else is 404."""
     path = service.download_path(filename)
@@ -153,7 +158,8 @@ def _task_view(record: TaskRecord, service: TaskService, request: Request) -> Ta
     download_url = str(request.url_for("download", filename=record.audio_file)) if record.audio_file else None
     return TaskView(
         task_id=record.task_id, status=record.status, message=record.message, progress=round(record.progress, 4),
-        created_at=datetime.fromtimestamp(record.created_at), updated_at=datetime.fromtimestamp(record.updated_at),
+        created_at=datetime.fromtimestamp(record.created_at, tz=timezone.utc),
+        updated_at=datetime.fromtimestamp(record.updated_at, tz=timezone.utc),
         estimated_time=None if record.estimated_time_s is None else _seconds(record.estimated_time_s),
         audio_path=audio_path, error=record.error, sample_rate=record.sample_rate_hz, duration_s=record.duration_s,
         lora_name=record.params.lora_name, seed=record.params.seed, response_format=record.params.response_format,

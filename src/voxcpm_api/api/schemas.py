@@ -115,3 +115,47 @@ class Health(BaseModel):
 class CleanupResult(BaseModel):
     message: str
     deleted_count: int
+
+
+# ---- error bodies, declared on every route that can return them (the fuzz test holds us to it) -------
+
+
+class ErrorBody(BaseModel):
+    """A service error (api/errors.py): what went wrong and, for 4xx caused by one, the request field."""
+
+    detail: str = Field(description="What went wrong, for a human.")
+    field: str | None = Field(None, description="The request field at fault, where one is.")
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description="Where: body/query/path, then the field.")
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    """FastAPI's request validation error: one entry per invalid field."""
+
+    detail: list[ValidationIssue]
+
+
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Reference audio that cannot be decoded",
+    401: "Missing or wrong API key (only with --api-key)",
+    403: "A path outside the allowed directories",
+    404: "Not found (the message says what)",
+    409: "Conflicts with the current state (the message says which)",
+    413: "The upload exceeds --max-upload-bytes",
+    422: "Invalid request: a list of field errors, or one message naming the field",
+    429: "The queue is full; retry after Retry-After seconds",
+    503: "The model is not loaded (yet); retry shortly",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
+    """`responses=` entries for these statuses with our error bodies (422 also has FastAPI's list form)."""
+    return {code: {"model": ValidationErrorBody | ErrorBody if code == 422 else ErrorBody,
+                   "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+SYNTHESIS_ERRORS = error_responses(400, 403, 404, 409, 422, 429, 503)

@@ -28,7 +28,7 @@ from ..errors import VoxError
 from ..tasks.service import TaskService
 from ..tasks.stream import AudioStream
 from .routes import ServiceDep, to_synthesis_input
-from .schemas import SEED_MAX, SynthesizeRequest
+from .schemas import SEED_MAX, SYNTHESIS_ERRORS, SynthesizeRequest
 
 log = logging.getLogger("voxcpm_api.stream")
 
@@ -106,6 +106,7 @@ async def _respond(service: TaskService, body: SynthesizeRequest, arrived_at: fl
 STREAM_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {"description": "Audio bytes, chunked, sent as they are generated (X-Seed, X-Sample-Rate headers).",
           "content": {"audio/mpeg": {}, "audio/ogg": {}, "audio/wav": {}, "audio/flac": {}, "audio/pcm": {}}},
+    **{code: entry for code, entry in SYNTHESIS_ERRORS.items() if code != 409},  # no task to cancel
 }
 
 

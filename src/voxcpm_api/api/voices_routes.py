@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from ..tasks.voices import UploadTooLarge, VoiceRecord
 from .routes import ServiceDep
+from .schemas import error_responses
 
 UPLOAD_READ_BYTES = 1024 * 1024
 
@@ -50,7 +51,8 @@ class VoiceDeleted(BaseModel):
     name: str
 
 
-@router.post("/voices", response_model=VoiceView, status_code=201)
+@router.post("/voices", response_model=VoiceView, status_code=201,
+             responses=error_responses(400, 404, 409, 413, 422, 503))
 async def create_voice(
     service: ServiceDep,
     audio: Annotated[UploadFile | None, File(description="Reference recording: wav, flac, mp3 or ogg (vorbis/opus), "
@@ -76,12 +78,12 @@ async def list_voices(service: ServiceDep) -> VoiceList:
     return VoiceList(voices=voices, count=len(voices))
 
 
-@router.get("/voices/{name}", response_model=VoiceView)
+@router.get("/voices/{name}", response_model=VoiceView, responses=error_responses(404))
 async def get_voice(name: str, service: ServiceDep) -> VoiceView:
     return voice_view(await service.voices.get(name))
 
 
-@router.delete("/voices/{name}", response_model=VoiceDeleted)
+@router.delete("/voices/{name}", response_model=VoiceDeleted, responses=error_responses(404))
 async def delete_voice(name: str, service: ServiceDep) -> VoiceDeleted:
     """Tasks already queued with this voice still run; new requests naming it get 404."""
     record = await service.voices.delete(name)
