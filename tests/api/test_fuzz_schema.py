@@ -148,3 +148,28 @@ def test_service_errors_are_documented_with_their_bodies() -> None:
     assert len(responses["422"]["content"]["application/json"]["schema"]["anyOf"]) == 2
     speech = SCHEMA_DICT["paths"]["/v1/audio/speech"]["post"]["responses"]
     assert speech["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/OpenAIErrorBody"}
+
+
+# ---- the stateful phase: sequences along the links schemathesis infers from our schema ---------------
+
+
+def test_stateful_sequences_conform(fuzz_server: Running) -> None:
+    """schemathesis infers links from response fields to path parameters (GET /tasks -> GET/DELETE
+    /task/{task_id}, GET /v1/models -> /v1/models/{model_id}, GET /voices -> /voices/{name}) and walks
+    them; every response gets the same checks. (It starts no chain from a request body, so the POSTs
+    are covered by the per-operation test above.)"""
+    url = fuzz_server.server.url
+    seen: set[str] = set()
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict:
+            return {"base_url": url, "timeout": 60}
+
+        def validate_response(self, response: Response, case: schemathesis.Case,  # type: ignore[override]
+                              additional_checks: object = None, **kwargs: object) -> None:
+            seen.add(f"{case.operation.method.upper()} {case.operation.path} {response.status_code}")
+            case.validate_response(response, checks=CHECKS)
+
+    Workflow.run(settings=settings(max_examples=MAX_EXAMPLES, stateful_step_count=8, deadline=None,
+                                   derandomize=True, suppress_health_check=list(HealthCheck)))
+    assert "GET /task/{task_id} 200" in seen, sorted(seen)  # a link really was followed to a real task
