@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -158,8 +158,8 @@ def _task_view(record: TaskRecord, service: TaskService, request: Request) -> Ta
     download_url = str(request.url_for("download", filename=record.audio_file)) if record.audio_file else None
     return TaskView(
         task_id=record.task_id, status=record.status, message=record.message, progress=round(record.progress, 4),
-        created_at=datetime.fromtimestamp(record.created_at, tz=timezone.utc),
-        updated_at=datetime.fromtimestamp(record.updated_at, tz=timezone.utc),
+        created_at=datetime.fromtimestamp(record.created_at).isoformat(),
+        updated_at=datetime.fromtimestamp(record.updated_at).isoformat(),
         estimated_time=None if record.estimated_time_s is None else _seconds(record.estimated_time_s),
         audio_path=audio_path, error=record.error, sample_rate=record.sample_rate_hz, duration_s=record.duration_s,
         lora_name=record.params.lora_name, seed=record.params.seed, response_format=record.params.response_format,

@@ -3,7 +3,6 @@ fields after the seed's are additions (clients ignoring unknown fields keep work
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
@@ -74,8 +73,12 @@ class TaskView(BaseModel):
     status: TaskStatus
     message: str
     progress: float
-    created_at: datetime
-    updated_at: datetime
+    # The seed API's format, which clients parse: the server's local time, ISO 8601 without an offset
+    # ("2023-12-14T12:00:00.123456"). A string, not a date-time: RFC 3339 date-times must carry one.
+    created_at: str = Field(description="Local server time, ISO 8601 without a UTC offset (as the seed API).",
+                            examples=["2023-12-14T12:00:00.123456"])
+    updated_at: str = Field(description="Local server time, ISO 8601 without a UTC offset (as the seed API).",
+                            examples=["2023-12-14T12:01:30.654321"])
     estimated_time: int | None
     audio_path: str | None
     error: str | None
