@@ -880,16 +880,21 @@ class BatchedEngine:
         """Run one row's callback; a raise ends that row alone (False)."""
         try:
             callback()
-        except errors.VoxError as exc:  # TaskCancelled, ClientGone, ShutdownRequested: this row alone ends
-            self._finish(job, exc)
-            return False
-        except Exception as exc:  # a broken callback fails its own row, like any engine failure
-            log.exception("row callback failed")
-            failure = errors.EngineFailure(f"generation failed: {_short(exc)}")
-            failure.__cause__ = exc
-            self._finish(job, failure)
+        except Exception as exc:
+            self._fail_row(job, exc)
             return False
         return True
+
+    def _fail_row(self, job: _Job, exc: Exception) -> None:
+        """End one row with `exc`: a VoxError (TaskCancelled, ClientGone, ShutdownRequested, ...) as it is, any
+        other error as an EngineFailure of that row alone."""
+        if isinstance(exc, errors.VoxError):
+            self._finish(job, exc)
+            return
+        log.error("row failed", exc_info=exc)
+        failure = errors.EngineFailure(f"generation failed: {_short(exc)}")
+        failure.__cause__ = exc
+        self._finish(job, failure)
 
     def _deliver_audio(self, streamed: list[tuple[_Job, torch.Tensor]], ended: list[_Job]) -> None:
         """Hand each streaming row its patch's samples: one copy to the host for all of them (a device sync
@@ -898,11 +903,10 @@ class BatchedEngine:
         if streamed:
             host = torch.cat([audio for _, audio in streamed]).cpu().numpy()
             offset = 0
-            for job, audio in streamed:
+            for job, audio in streamed:  # each row once: one failing leaves the others as they are
                 samples = host[offset: offset + audio.numel()].copy()
                 offset += audio.numel()
-                if not job.done.is_set():  # failed meanwhile: its audio goes nowhere
-                    self._row_callback(job, lambda job=job, samples=samples: job.on_audio(samples))  # type: ignore[misc]
+                self._row_callback(job, lambda job=job, samples=samples: job.on_audio(samples))  # type: ignore[misc]
         for job in ended:
             if not job.done.is_set():
                 self._end(job, None)
@@ -986,10 +990,10 @@ class BatchedEngine:
                     audio = self._decode_stream_states(jobs, feat).reshape(len(indices), -1)
                 else:
                     audio = vae.decode(feat).reshape(len(indices), -1)[:, -keep:]
-            except Exception as exc:  # every row of the call fails alone, like a broken callback
+            except Exception as exc:  # those rows fail alone; _deliver_audio leaves failed rows out
                 for job in jobs:
-                    self._row_callback(job, lambda exc=exc: _raise(exc))
-                audio = torch.zeros(len(indices), 0, device=streamed[indices[0]][1].device)
+                    self._fail_row(job, exc)
+                continue
             for row, i in enumerate(indices):
                 streamed[i] = (streamed[i][0], audio[row].float())
 
@@ -1062,10 +1066,6 @@ class BatchedEngine:
                              self._sched.adapters.resident())
         with self._stats_lock:
             self._summary = summary
-
-
-def _raise(exc: BaseException) -> None:
-    raise exc
 
 
 def _used_on_this_stream(inputs: RowInputs) -> None:
