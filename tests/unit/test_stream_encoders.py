@@ -17,8 +17,7 @@ import pytest
 import soundfile as sf
 
 from voxcpm_api.audio.encoders import crossfade_concat, encode_audio
-from voxcpm_api.audio.streaming import (STREAM_FORMATS, StreamCrossfader, StreamEncoder, TimeStretcher,
-                                        encode_stream_whole)
+from voxcpm_api.audio.streaming import STREAM_FORMATS, StreamCrossfader, StreamEncoder, TimeStretcher
 
 # Codecs that need look-ahead add a little at the start (no Xing/LAME tag or AAC priming info in a
 # raw stream): at most LAME's 1105-sample delay plus a frame of padding, or AAC's 1024 + one frame.
@@ -133,7 +132,8 @@ def test_misuse_is_refused() -> None:
 
 def test_whole_aac_file_decodes() -> None:
     audio = speechlike(1.0, 24000)
-    samples, rate = decode(encode_stream_whole(audio, 24000, "aac"), "aac", 24000)
+    encoder = StreamEncoder("aac", 24000)
+    samples, rate = decode(encoder.feed(audio) + encoder.finish(), "aac", 24000)
     assert rate == 24000 and 1.0 <= samples.shape[0] / rate <= 1.0 + EXTRA_S["aac"]
 
 

@@ -49,7 +49,7 @@ from ..tasks.service import SynthesisInput, TaskService
 from ..tasks.stream import AudioStream
 from .schemas import SEED_MAX
 from .routes import ServiceDep
-from .stream_routes import AudioStreamingResponse, encoded_audio, first_audio
+from .stream_routes import AudioStreamingResponse, encoded_audio, first_audio, stream_headers
 
 log = logging.getLogger("voxcpm_api.openai")
 
@@ -251,9 +251,7 @@ async def create_speech(body: SpeechRequest, service: ServiceDep) -> Response:
     except BaseException:
         stream.close()
         raise
-    headers = {"X-Model": header_value(body.model), "X-Seed": str(stream.params.seed),
-               "X-Sample-Rate": str(encoder.sample_rate_hz), "Cache-Control": "no-store",
-               "X-Accel-Buffering": "no"}
+    headers = {"X-Model": header_value(body.model), **stream_headers(stream, encoder)}
     audio = encoded_audio(first, stream, encoder, stretcher)
     if body.stream_format == "sse":
         return AudioStreamingResponse(_sse_events(audio, stream, encoder), media_type="text/event-stream",

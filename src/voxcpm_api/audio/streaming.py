@@ -56,7 +56,6 @@ __all__ = [
     "StreamEncoder",
     "TimeStretcher",
     "aac_sample_rate_for",
-    "encode_stream_whole",
     "stream_sample_rate_for",
 ]
 
@@ -280,12 +279,6 @@ class TimeStretcher:
         self._finished = True
         self._graph.push(None)
         return self._pull()
-
-
-def encode_stream_whole(samples: np.ndarray, sample_rate_hz: int, fmt: str) -> bytes:
-    """One call through StreamEncoder (used for AAC files, which audio/encoders.py does not write)."""
-    encoder = StreamEncoder(fmt, sample_rate_hz)
-    return encoder.feed(samples) + encoder.finish()
 
 
 class StreamCrossfader:
