@@ -165,3 +165,23 @@ def test_the_first_adapters_that_resolve_are_preloaded(tmp_path) -> None:
     adapter("d", good)
     assert [s.name for s in preload_specs(LoRACatalog(tmp_path), 2)] == ["a", "c"]
     assert [s.name for s in preload_specs(LoRACatalog(tmp_path / "missing"), 8)] == []
+
+
+def test_catalog_names_adapter_keys_back(tmp_path) -> None:
+    """/metrics reports GPU-resident adapters by name: LoRACatalog.names_of_keys inverts adapter_key_str."""
+    import json
+    import struct
+
+    from voxcpm_api.lora.catalog import LoRACatalog, adapter_key_str
+
+    header = json.dumps({"base_lm.layers.0.self_attn.q_proj.lora_A": {"dtype": "F32", "shape": [4, 8],
+                                                                        "data_offsets": [0, 0]},
+                         "base_lm.layers.0.self_attn.q_proj.lora_B": {"dtype": "F32", "shape": [8, 4],
+                                                                        "data_offsets": [0, 0]}}).encode()
+    for name in ("plain", "run|1/checkpoints/step_0000200"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "lora_weights.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    catalog = LoRACatalog(tmp_path)
+    keys = [adapter_key_str(catalog.resolve(name)) for name in ("plain", "run|1/checkpoints/step_0000200")]
+    outside = keys[0].replace(str(tmp_path.resolve()), "/elsewhere", 1)
+    assert catalog.names_of_keys([*keys, outside]) == ["plain", "run|1/checkpoints/step_0000200"]

@@ -16,7 +16,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,6 +152,23 @@ class LoRACatalog:
             fingerprint=(stat.st_mtime_ns, stat.st_size),
             module_shapes=shapes,
         )
+
+    def names_of_keys(self, keys: Iterable[str]) -> list[str]:
+        """The adapter names of `adapter_key_str` keys (their directory under the root), sorted; keys of
+        adapters outside the root (none in practice) are left out. The inverse of the key's first field,
+        kept beside the format."""
+        root = f"{self.root.resolve()}{os.sep}"
+        names = set()
+        for key in keys:
+            if not key.startswith(root):
+                continue
+            rest = key[len(root):]
+            for weights in (SAFETENSORS_NAME, CKPT_NAME):
+                end = rest.find(f"|{weights}|")
+                if end > 0:
+                    names.add(Path(rest[:end]).as_posix())
+                    break
+        return sorted(names)
 
     def _safe_dir(self, name: str) -> Path:
         if not isinstance(name, str) or not name.strip():

@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,8 +40,7 @@ from ..audio.encoders import (FILE_EXTENSIONS, crossfade_concat, encode_audio, e
 from ..domain import EngineInfo, SynthesisParams
 from ..engine.base import ChunkRequest, Engine
 from ..errors import NotReady, TaskCancelled, VoxError
-from ..lora.catalog import (CKPT_NAME, SAFETENSORS_NAME, AdapterSpec, LoRACatalog, check_adapter_fits,
-                            is_base_model_name)
+from ..lora.catalog import AdapterSpec, LoRACatalog, check_adapter_fits, is_base_model_name
 from ..paths import audio_file_name
 from ..textsplit import split_text, voice_design_prefix
 from .events import Events, NullEvents
@@ -205,7 +204,7 @@ class EngineRunner:
         if is_concurrent(engine):
             load = engine.load_summary()  # type: ignore[union-attr]
             stats["batch_rows"] = {"running": load.running_rows, "queued": load.queued_rows, "max": load.max_rows}
-            stats["resident_adapters"] = {name: 1 for name in self._adapter_names(load.resident_adapters)}
+            stats["resident_adapters"] = {name: 1 for name in self._catalog.names_of_keys(load.resident_adapters)}
         placements = getattr(engine, "placements", None)
         if isinstance(placements, dict):
             stats["engine_placements"] = {str(k): int(v) for k, v in placements.items()}
@@ -214,22 +213,6 @@ class EngineRunner:
             stats["engine_counters"] = {k: v for k, v in dict(counters()).items()
                                         if isinstance(v, (int, float)) and not isinstance(v, bool)}
         return stats
-
-    def _adapter_names(self, keys: Iterable[str]) -> list[str]:
-        """Adapter names of `lora.catalog.adapter_key_str` keys: their directory under --lora-dir.
-        Keys of adapters outside it (none in practice) are left out."""
-        root = f"{self._catalog.root.resolve()}{os.sep}"
-        names = set()
-        for key in keys:
-            if not key.startswith(root):
-                continue
-            rest = key[len(root):]
-            for weights in (SAFETENSORS_NAME, CKPT_NAME):
-                end = rest.find(f"|{weights}|")
-                if end > 0:
-                    names.add(Path(rest[:end]).as_posix())
-                    break
-        return sorted(names)
 
     # ---- background loops ---------------------------------------------------------------------
 
